@@ -1,0 +1,194 @@
+"""One settings object per process, from the environment and an optional YAML file.
+
+The Synapse SDK's variable names keep their meaning (``SYNAPSE_HOST``,
+``SYNAPSE_ACCESS_TOKEN``, ...); our own settings use the ``SYNAPSE_BRIDGE_`` prefix
+or a well-known bare name (``REDIS_URL``, ``BROKER_URL``). A YAML file named by
+``SYNAPSE_BRIDGE_CONFIG`` supplies defaults; the environment wins over it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_FILE_ENV = "SYNAPSE_BRIDGE_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable to fix."""
+
+
+def _env(name: str, *aliases: str, default: Any = None) -> Any:
+    return Field(default, validation_alias=AliasChoices(name, *aliases))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by SYNAPSE_BRIDGE_CONFIG (keys: field names or env names)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.path:
+            return {}
+        p = Path(self.path)
+        if not p.is_file():
+            raise SettingsError(f"{CONFIG_FILE_ENV}={self.path}: no such file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SettingsError(f"{CONFIG_FILE_ENV}={self.path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise SettingsError(f"{CONFIG_FILE_ENV}={self.path}: top level must be a mapping")
+        names = {}
+        for fname, f in self.settings_cls.model_fields.items():
+            names[fname] = fname
+            alias = f.validation_alias
+            if isinstance(alias, AliasChoices):
+                for choice in alias.choices:
+                    names[str(choice).lower()] = fname
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            fname = names.get(str(key).lower())
+            if fname is None:
+                raise SettingsError(f"{CONFIG_FILE_ENV}={self.path}: unknown setting {key!r}")
+            out[fname] = value
+        return out
+
+
+class Settings(BaseSettings):
+    """Everything a bridge process needs; defaults run the demo on one machine."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # --- The Synapse SDK's variables, same names and meanings.
+    plugin_release_checksum: str | None = _env("SYNAPSE_PLUGIN_RELEASE_CHECKSUM")
+    plugin_release_code: str | None = _env("SYNAPSE_PLUGIN_RELEASE_CODE")
+    plugin_run_host: str | None = _env("SYNAPSE_PLUGIN_RUN_HOST")
+    synapse_host: str | None = _env("SYNAPSE_HOST")
+    access_token: SecretStr | None = _env("SYNAPSE_ACCESS_TOKEN")
+
+    # --- Serving.
+    serve_url: str = _env(
+        "SYNAPSE_SERVE_URL", "SYNAPSE_BRIDGE_SERVE_URL", default="http://localhost:8100"
+    )
+    serve_http_host: str = _env("SYNAPSE_BRIDGE_SERVE_HOST", default="127.0.0.1")
+    serve_http_port: int = _env("SYNAPSE_BRIDGE_SERVE_PORT", default=8100)
+    ray_address: str | None = _env("RAY_ADDRESS")
+    serve_connect_timeout_s: float = _env("SYNAPSE_BRIDGE_SERVE_CONNECT_TIMEOUT", default=5.0)
+    serve_read_timeout_s: float = _env("SYNAPSE_BRIDGE_SERVE_READ_TIMEOUT", default=60.0)
+    serve_max_connections: int = _env("SYNAPSE_BRIDGE_SERVE_MAX_CONNECTIONS", default=100)
+    routing_mode: Literal["compatible", "model_affine"] = _env(
+        "SYNAPSE_BRIDGE_ROUTING_MODE", default="compatible"
+    )
+    signing_key: SecretStr | None = _env("SYNAPSE_SERVE_SIGNING_KEY")
+    token_ttl_s: int | None = _env("SYNAPSE_BRIDGE_TOKEN_TTL", default=None)
+    deferred_poll_interval_s: float = _env("SYNAPSE_BRIDGE_DEFERRED_POLL_INTERVAL", default=1.0)
+
+    # --- Replica side: model store.
+    model_dir: Path = _env(
+        "SYNAPSE_BRIDGE_MODEL_DIR", default=Path(tempfile.gettempdir()) / "synapse-bridge-models"
+    )
+    max_download_bytes: int = _env("SYNAPSE_BRIDGE_MAX_DOWNLOAD_BYTES", default=2 * 1024**3)
+    max_unpacked_bytes: int = _env("SYNAPSE_BRIDGE_MAX_UNPACKED_BYTES", default=8 * 1024**3)
+    auth_cache_ttl_s: float = _env("SYNAPSE_BRIDGE_AUTH_CACHE_TTL", default=30.0)
+    backend_timeout_s: float = _env("SYNAPSE_BRIDGE_BACKEND_TIMEOUT", default=30.0)
+
+    # --- Broker and worker.
+    redis_url: str | None = _env("REDIS_URL")
+    broker_url: str | None = _env("BROKER_URL")
+
+    # --- Logs.
+    log_format: Literal["json", "console"] = _env("SYNAPSE_BRIDGE_LOG_FORMAT", default="console")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
+        "SYNAPSE_BRIDGE_LOG_LEVEL", default="INFO"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_source = _YamlSource(settings_cls, os.environ.get(CONFIG_FILE_ENV))
+        return (init_settings, env_settings, yaml_source)
+
+    @field_validator("serve_url", "plugin_run_host", "synapse_host", "redis_url", "broker_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v:
+            raise ValueError("must be a URL with a scheme, e.g. http://host:port")
+        return v
+
+    @field_validator(
+        "serve_connect_timeout_s",
+        "serve_read_timeout_s",
+        "max_download_bytes",
+        "max_unpacked_bytes",
+        "backend_timeout_s",
+        "serve_max_connections",
+        "deferred_poll_interval_s",
+    )
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be greater than 0")
+        return v
+
+    @property
+    def backend_url(self) -> str | None:
+        """The backend base URL, as the SDK finds it: run host first, then SYNAPSE_HOST."""
+        return self.plugin_run_host or self.synapse_host
+
+    def require_backend_url(self) -> str:
+        url = self.backend_url
+        if not url:
+            raise SettingsError(
+                "no backend URL: set SYNAPSE_PLUGIN_RUN_HOST or SYNAPSE_HOST "
+                "(e.g. http://127.0.0.1:8010)"
+            )
+        return url
+
+
+def _alias_of(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return field
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate settings; a failure names the environment variable to fix."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = err["loc"][0] if err["loc"] else "?"
+            name = _alias_of(str(loc)) if str(loc) in Settings.model_fields else str(loc)
+            problems.append(f"{name}: {err['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

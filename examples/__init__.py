@@ -1,0 +1,1 @@
+"""Example plugins: real small models that run on the CPU."""

@@ -1,0 +1,109 @@
+"""A small typed client for the ``_admin/`` endpoints (tests, demo, benchmarks).
+
+Errors raise ``httpx.HTTPStatusError`` (``raise_for_status``). ``auth_headers`` builds
+the user-facing headers (token and tenant) the way the real backend expects them.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from local_backend import DEFAULT_ADMIN_TOKEN
+
+
+def auth_headers(token: str, tenant: str | None = None) -> dict[str, str]:
+    """``Synapse-Access-Token: Token <t>`` (+ ``Synapse-Tenant: Token <code>``)."""
+    headers = {"Synapse-Access-Token": f"Token {token}"}
+    if tenant is not None:
+        headers["Synapse-Tenant"] = f"Token {tenant}"
+    return headers
+
+
+class AdminClient:
+    """Drives a running local backend through its ``_admin/`` endpoints."""
+
+    def __init__(
+        self, url: str, admin_token: str = DEFAULT_ADMIN_TOKEN, timeout: float = 10.0
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url + "/",
+            headers={"Synapse-Admin-Token": admin_token},
+            timeout=timeout,
+        )
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._http.request(method, path, **kwargs)
+        resp.raise_for_status()
+        return resp.json()
+
+    def health(self) -> bool:
+        try:
+            return self._http.get("health/").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def seed(self, spec: Any) -> dict[str, Any]:
+        """Apply a seed spec (a dict or a ``seed.SeedSpec``); paths are the server's."""
+        if hasattr(spec, "model_dump"):
+            spec = spec.model_dump(mode="json", exclude_none=True)
+        return self._call("POST", "_admin/seed/", json=spec)
+
+    def create_jobs(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._call("POST", "_admin/jobs/", json=jobs)
+
+    def create_job(self, **job: Any) -> dict[str, Any]:
+        return self.create_jobs([job])[0]
+
+    def jobs(
+        self, status: str | None = None, tenant: str | None = None, action: str | None = None
+    ) -> list[dict[str, Any]]:
+        params = {"status": status, "tenant": tenant, "action": action}
+        return self._call(
+            "GET", "_admin/jobs/", params={k: v for k, v in params.items() if v is not None}
+        )
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"_admin/jobs/{job_id}/")
+
+    def writes(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's write log: ``[{"seq", "time", "body", "status"}]``, oldest first."""
+        return self._call("GET", f"_admin/jobs/{job_id}/writes/")
+
+    def logs(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        params = {"job": job_id} if job_id is not None else {}
+        return self._call("GET", "_admin/logs/", params=params)
+
+    def faults(self) -> dict[str, Any]:
+        return self._call("GET", "_admin/faults/")
+
+    def set_faults(self, rules: list[dict[str, Any]], seed: int | None = None) -> dict[str, Any]:
+        """Replace all fault rules (see ``faults.FaultRule``)."""
+        return self._call("PUT", "_admin/faults/", json={"rules": rules, "seed": seed})
+
+    def clear_faults(self) -> dict[str, Any]:
+        return self._call("DELETE", "_admin/faults/")
+
+    def stats(self) -> dict[str, Any]:
+        """Jobs by status, PATCH count, downloads (total, per model), model GETs per model."""
+        return self._call("GET", "_admin/stats/")
+
+    def reset_stats(self) -> dict[str, Any]:
+        return self._call("DELETE", "_admin/stats/")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,247 @@
+"""Calling a serve endpoint: one pooled keep-alive client per process, typed errors.
+
+``ServeClient.infer`` returns the result, or ``Pending`` when the replica deferred it;
+``ServeClient.poll`` asks again. ``call_and_wait`` polls until done, which is what the
+SDK's blocking ``infer_remote`` promises its callers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from config import Settings, get_settings
+from serve_runtime.deferred import POLL_KEY, Pending, is_envelope
+from serve_runtime.errors import (
+    TRANSIENT_STATUS,
+    DeferredFailed,
+    DeferredNotFound,
+    ServeClientError,
+    ServeConnectionError,
+    ServeRouteNotFound,
+    ServeServerError,
+    ServeTimeout,
+    ServeTransientError,
+)
+from serve_runtime.tokens import (
+    AFFINE_TOKEN_HEADER,
+    MODEL_TOKEN_HEADER,
+    ModelKey,
+    create_serve_multiplexed_model_id,
+)
+
+
+class ServeClient:
+    """A thread-safe, pooled HTTP client for serve endpoints."""
+
+    def __init__(self, settings: Settings | None = None, *, base_url: str | None = None):
+        self.settings = settings or get_settings()
+        self.base_url = (base_url or self.settings.serve_url).rstrip("/")
+        s = self.settings
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(
+                connect=s.serve_connect_timeout_s,
+                read=s.serve_read_timeout_s,
+                write=s.serve_read_timeout_s,
+                pool=s.serve_connect_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=s.serve_max_connections,
+                max_keepalive_connections=s.serve_max_connections,
+            ),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- headers
+
+    def model_headers(
+        self,
+        *,
+        model: int | str,
+        token: str,
+        tenant: str | None,
+        version: str | None = None,
+        backend_url: str | None = None,
+    ) -> dict[str, str]:
+        """The multiplexing headers for one call, in the configured routing mode."""
+        s = self.settings
+        jwt_token = create_serve_multiplexed_model_id(
+            model,
+            token,
+            backend_url or s.require_backend_url(),
+            tenant,
+            signing_key=s.signing_key.get_secret_value() if s.signing_key else None,
+            ttl_s=s.token_ttl_s,
+        )
+        if s.routing_mode == "model_affine":
+            key = ModelKey(tenant=tenant, model=str(model), version=version)
+            return {MODEL_TOKEN_HEADER: str(key), AFFINE_TOKEN_HEADER: jwt_token}
+        return {MODEL_TOKEN_HEADER: jwt_token}
+
+    # -- calls
+
+    def infer(
+        self,
+        route_prefix: str,
+        body: Any,
+        *,
+        model: int | str,
+        token: str,
+        tenant: str | None = None,
+        version: str | None = None,
+        method: str = "post",
+        backend_url: str | None = None,
+    ) -> Any:
+        """One call; returns the result or ``Pending``; raises a ``ServeError``."""
+        headers = self.model_headers(
+            model=model, token=token, tenant=tenant, version=version, backend_url=backend_url
+        )
+        return self._request(method, route_prefix, body, headers)
+
+    def poll(
+        self,
+        route_prefix: str,
+        ticket: str,
+        *,
+        model: int | str,
+        token: str,
+        tenant: str | None = None,
+        version: str | None = None,
+        backend_url: str | None = None,
+    ) -> Any:
+        """Ask for a deferred result; returns it, or ``Pending`` while not ready."""
+        headers = self.model_headers(
+            model=model, token=token, tenant=tenant, version=version, backend_url=backend_url
+        )
+        return self._request("post", route_prefix, {POLL_KEY: ticket}, headers)
+
+    def call_and_wait(
+        self,
+        route_prefix: str,
+        body: Any,
+        *,
+        model: int | str,
+        token: str,
+        tenant: str | None = None,
+        version: str | None = None,
+        method: str = "post",
+        wait_s: float | None = None,
+        backend_url: str | None = None,
+    ) -> Any:
+        """Call and, when deferred, poll until the result is ready or ``wait_s`` passes."""
+        kw = {
+            "model": model,
+            "token": token,
+            "tenant": tenant,
+            "version": version,
+            "backend_url": backend_url,
+        }
+        result = self.infer(route_prefix, body, method=method, **kw)
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while isinstance(result, Pending):
+            if deadline is not None and time.monotonic() > deadline:
+                raise ServeTimeout(f"deferred result on {route_prefix} not ready in {wait_s}s")
+            time.sleep(self.settings.deferred_poll_interval_s)
+            result = self.poll(route_prefix, result.ticket, **kw)
+        return result
+
+    def _request(self, method: str, route_prefix: str, body: Any, headers: dict[str, str]) -> Any:
+        url = f"{self.base_url}{route_prefix.rstrip('/')}/"
+        try:
+            response = self._http.request(method.upper(), url, json=body, headers=headers)
+        except httpx.TimeoutException as e:
+            raise ServeTimeout(f"{method.upper()} {route_prefix}: {type(e).__name__}") from None
+        except httpx.TransportError as e:
+            raise ServeConnectionError(
+                f"{method.upper()} {route_prefix}: cannot reach {self.base_url} "
+                f"({type(e).__name__})"
+            ) from None
+        return parse_response(response, route_prefix)
+
+
+def _error_detail(response: httpx.Response) -> tuple[str, dict[str, Any] | None]:
+    """Our runtime answers errors as {"detail": {"message", "code", "transient"}}."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300], None
+    detail = data.get("detail") if isinstance(data, dict) else None
+    if isinstance(detail, dict) and "code" in detail:
+        return str(detail.get("message", "")), detail
+    return (str(detail) if detail is not None else response.text[:300]), None
+
+
+def parse_response(response: httpx.Response, route_prefix: str) -> Any:
+    """Turn a response into a result, ``Pending``, or the right ``ServeError``."""
+    status = response.status_code
+    if status < 400:
+        try:
+            data = response.json()
+        except ValueError:
+            raise ServeServerError(
+                f"{route_prefix}: the endpoint answered {status} with a body that is not JSON",
+                status_code=status,
+                code="invalid_json",
+            ) from None
+        if is_envelope(data):
+            state, ticket = data.get("status"), data.get("ticket")
+            if state == "pending" and isinstance(ticket, str):
+                return Pending(ticket)
+            if state == "failed":
+                raise DeferredFailed(
+                    f"{route_prefix}: deferred inference failed: {data.get('error')}",
+                    status_code=status,
+                    code="deferred_failed",
+                )
+            if state == "not_found":
+                raise DeferredNotFound(
+                    f"{route_prefix}: deferred ticket not found", code="deferred_not_found"
+                )
+            raise ServeServerError(
+                f"{route_prefix}: malformed deferred envelope (status={state!r})",
+                status_code=status,
+                code="invalid_envelope",
+            )
+        return data
+    message, ours = _error_detail(response)
+    text = f"{route_prefix}: {status} {message}".strip()
+    code = ours.get("code") if ours else None
+    if ours is not None:
+        cls = ServeTransientError if ours.get("transient") else ServeClientError
+        if cls is ServeClientError and status >= 500:
+            cls = ServeServerError
+        raise cls(text, status_code=status, code=code)
+    if status in TRANSIENT_STATUS:
+        raise ServeTransientError(text, status_code=status)
+    if status == 404:
+        # Not our runtime's answer: the proxy has no application at this route (yet).
+        raise ServeRouteNotFound(text, status_code=status, code="route_not_found")
+    if status < 500:
+        raise ServeClientError(text, status_code=status)
+    raise ServeServerError(text, status_code=status)
+
+
+_default: ServeClient | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> ServeClient:
+    """The process-wide pooled client (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = ServeClient()
+        return _default
+
+
+def reset_default_client() -> None:
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+        _default = None

@@ -1,0 +1,162 @@
+"""``deploy()``: a Serve application from a plugin directory (class + config.yaml).
+
+Ray Serve does the work: ``serve.deployment`` with the config's options,
+``serve.ingress`` on the plugin's FastAPI app, ``serve.multiplexed`` bounding the
+models per replica, ``serve.batch`` on the batch path when configured.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from config import Settings, get_settings, load_plugin_config, resolve_route_prefix
+from serve_runtime.action import discover_action
+from serve_runtime.deployment import BaseServeDeployment
+
+# Settings a replica reads itself; passed on so an already-running cluster sees them.
+_REPLICA_ENV_PREFIXES = ("SYNAPSE_BRIDGE_", "SYNAPSE_SERVE_SIGNING_KEY", "SYNAPSE_TEST_")
+
+
+class DeployError(RuntimeError):
+    """The plugin cannot be deployed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    app_name: str
+    route_prefix: str
+    application: Any  # ray.serve.Application
+
+
+def app_name_for(code: str, version: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{code}-{version}")
+
+
+def build_application(
+    plugin_dir: Path | str,
+    *,
+    action: str = "inference",
+    settings: Settings | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> DeploySpec:
+    """Build (not run) the Serve application for a plugin's serve action."""
+    from ray import serve
+
+    settings = settings or get_settings()
+    plugin_dir = Path(plugin_dir).resolve()
+    cfg = load_plugin_config(plugin_dir)
+    action_cfg = cfg.action(action)
+    cls = discover_action(plugin_dir, action)
+    if not issubclass(cls, BaseServeDeployment):
+        raise DeployError(f"{action_cfg.entrypoint} is not a BaseServeDeployment")
+    if not hasattr(cls, "app"):
+        raise DeployError(f"{action_cfg.entrypoint} has no `app = FastAPI()` class attribute")
+    opts = action_cfg.serve.model_copy(update=overrides or {})
+
+    configured = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "max_models_per_replica": opts.max_models_per_replica,
+            "batch_options": opts.batch.model_dump() if opts.batch else None,
+            "deferred_deadline_s": opts.deferred_deadline_s,
+        },
+    )
+    ingress = serve.ingress(cls.app)(configured)
+
+    actor_options: dict[str, Any] = opts.ray_actor_options.model_dump(exclude_none=True)
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(_REPLICA_ENV_PREFIXES)}
+    module_root = _module_root(plugin_dir, cls.__module__)
+    if module_root is not None:
+        env_vars["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(module_root), os.environ.get("PYTHONPATH", "")) if p
+        )
+    actor_options["runtime_env"] = {"env_vars": env_vars}
+
+    kwargs: dict[str, Any] = {
+        "name": cls.__name__,
+        "max_ongoing_requests": opts.max_ongoing_requests,
+        "ray_actor_options": actor_options,
+    }
+    if opts.autoscaling_config is not None:
+        kwargs["autoscaling_config"] = opts.autoscaling_config.model_dump(exclude_none=True)
+    else:
+        kwargs["num_replicas"] = opts.num_replicas or 1
+
+    application = serve.deployment(**kwargs)(ingress).bind(settings.require_backend_url())
+    env = {
+        k: v
+        for k, v in {
+            "SYNAPSE_PLUGIN_RELEASE_CHECKSUM": settings.plugin_release_checksum,
+            "SYNAPSE_PLUGIN_RELEASE_CODE": settings.plugin_release_code,
+        }.items()
+        if v
+    }
+    return DeploySpec(
+        app_name=app_name_for(cfg.code, cfg.version),
+        route_prefix=resolve_route_prefix(env, plugin_dir),
+        application=application,
+    )
+
+
+def _module_root(plugin_dir: Path, module: str) -> Path | None:
+    """The directory to put on PYTHONPATH when the plugin is not an installed package."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec(module.split(".")[0])
+    except (ImportError, ValueError):
+        spec = None
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    if origin is not None and plugin_dir in origin.parents:
+        return plugin_dir
+    return None
+
+
+def ensure_ray(settings: Settings | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS when set, else start a local Ray in this process."""
+    import ray
+
+    settings = settings or get_settings()
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+    if settings.ray_address:
+        kwargs["address"] = settings.ray_address
+    elif num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def ensure_serve(settings: Settings | None = None) -> None:
+    from ray import serve
+
+    settings = settings or get_settings()
+    serve.start(http_options={"host": settings.serve_http_host, "port": settings.serve_http_port})
+
+
+def deploy(
+    plugin_dir: Path | str,
+    *,
+    action: str = "inference",
+    settings: Settings | None = None,
+    overrides: dict[str, Any] | None = None,
+    blocking: bool = False,
+) -> DeploySpec:
+    """Deploy a plugin's serve action at its resolved route prefix (HTTP port 8100 default)."""
+    from ray import serve
+
+    settings = settings or get_settings()
+    ensure_ray(settings)
+    ensure_serve(settings)
+    spec = build_application(plugin_dir, action=action, settings=settings, overrides=overrides)
+    serve.run(
+        spec.application, name=spec.app_name, route_prefix=spec.route_prefix, blocking=blocking
+    )
+    return spec
