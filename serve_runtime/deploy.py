@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ray import cloudpickle
 
 from config import Settings, get_settings, load_plugin_config, resolve_route_prefix
 from serve_runtime.action import discover_action
@@ -56,6 +59,10 @@ def build_application(
     if not hasattr(cls, "app"):
         raise DeployError(f"{action_cfg.entrypoint} has no `app = FastAPI()` class attribute")
     opts = action_cfg.serve.model_copy(update=overrides or {})
+    # serve.ingress fixes the endpoints' signatures (self injected) on the function
+    # objects; by reference, a replica would import fresh, unfixed ones. By value,
+    # the fixed functions travel.
+    cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
 
     configured = type(
         cls.__name__,

@@ -225,7 +225,11 @@ class BaseServeDeployment(BaseAction):
                 return cache[model_id]
 
             return plain
-        return serve.multiplexed(max_num_models_per_replica=self.max_models_per_replica)(fn)
+
+        async def load(model_id: str) -> Any:  # a plain function: Ray sets attributes on it
+            return await fn(model_id)
+
+        return serve.multiplexed(max_num_models_per_replica=self.max_models_per_replica)(load)
 
     def _wrap_batch(self, fn: Callable[[list[BatchItem]], Any]) -> Callable[[BatchItem], Any]:
         if self.batch_options:

@@ -1,0 +1,164 @@
+"""Shared fixtures: one local backend, one Ray cluster with Serve, per test session.
+
+Everything is real: the backend is a subprocess over HTTP with SQLite on disk, Ray runs
+locally on the CPU, Serve listens on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from local_backend.client import AdminClient
+from local_backend.server import BackendProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_PLUGIN = ROOT / "examples" / "classifier"
+PROBE_PLUGIN = ROOT / "tests" / "plugins" / "probe"
+
+TOKENS = {
+    "alice": "tok-alice-0123456789",
+    "bob": "tok-bob-0123456789",
+    "carol": "tok-carol-0123456789",
+    "eve": "tok-eve-0123456789",
+    "service": "tok-service-0123456789",
+}
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Wait for a condition with a deadline; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def model_archives(session_dir: Path) -> dict[int, Path]:
+    from examples.classifier.model import write_model_archive
+
+    out = {}
+    for model_id, seed in {12: 0, 13: 1, 14: 2, 15: 3, 16: 4, 21: 5, 22: 6, 23: 7}.items():
+        path = session_dir / "archives" / f"model-{model_id}.tar.gz"
+        write_model_archive(path, seed=seed, version=1)
+        out[model_id] = path
+    return out
+
+
+def seed_spec(archives: dict[int, Path]) -> dict[str, Any]:
+    def model(mid: int, tenant: str = "acme", **kw: Any) -> dict[str, Any]:
+        return {"id": mid, "name": f"model-{mid}", "tenant": tenant, "version": 1,
+                "archive": str(archives[mid]), **kw}
+
+    return {
+        "tenants": ["acme", "globex"],
+        "users": [
+            {"name": "alice", "token": TOKENS["alice"], "tenants": ["acme"]},
+            {"name": "bob", "token": TOKENS["bob"], "tenants": ["acme"]},
+            {"name": "carol", "token": TOKENS["carol"], "tenants": ["acme"]},
+            {"name": "eve", "token": TOKENS["eve"], "tenants": ["globex"]},
+            {"name": "service", "token": TOKENS["service"], "service": True},
+        ],
+        "models": [
+            model(12),
+            model(13, grants=["alice"]),
+            model(14),
+            model(15),
+            model(16, tenant="globex"),
+            {"id": 17, "name": "no-file", "tenant": "acme", "version": 1},
+            model(21),
+            model(22),
+            model(23),
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def backend(session_dir: Path, model_archives: dict[int, Path]) -> Iterator[BackendProcess]:
+    proc = BackendProcess(session_dir / "backend")
+    proc.start()
+    with AdminClient(proc.url) as admin:
+        admin.seed(seed_spec(model_archives))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def admin(backend: BackendProcess) -> Iterator[AdminClient]:
+    with AdminClient(backend.url) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def serve_env(session_dir: Path, backend: BackendProcess) -> Iterator[dict[str, str]]:
+    """The environment every process of the session sees (replicas get it too)."""
+    port = free_port("127.0.0.1")
+    env = {
+        "SYNAPSE_HOST": backend.url,
+        "SYNAPSE_SERVE_URL": f"http://127.0.0.1:{port}",
+        "SYNAPSE_BRIDGE_SERVE_PORT": str(port),
+        "SYNAPSE_BRIDGE_MODEL_DIR": str(session_dir / "models"),
+        "SYNAPSE_BRIDGE_AUTH_CACHE_TTL": "2",
+        "SYNAPSE_BRIDGE_DEFERRED_POLL_INTERVAL": "0.1",
+        "SYNAPSE_TEST_EVENTS_DIR": str(session_dir),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from config.settings import get_settings
+    from serve_runtime.client import reset_default_client
+
+    get_settings.cache_clear()
+    reset_default_client()
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    get_settings.cache_clear()
+    reset_default_client()
+
+
+@pytest.fixture(scope="session")
+def ray_serve(serve_env: dict[str, str]) -> Iterator[None]:
+    """One local Ray cluster with Serve for the whole session."""
+    import ray
+    from ray import serve
+
+    from serve_runtime.deploy import ensure_ray, ensure_serve
+
+    ensure_ray(num_cpus=4)
+    ensure_serve()
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def example_app(ray_serve: None) -> Any:
+    from serve_runtime.deploy import deploy
+
+    return deploy(EXAMPLE_PLUGIN)
+
+
+@pytest.fixture(scope="session")
+def probe_app(ray_serve: None) -> Any:
+    from serve_runtime.deploy import deploy
+
+    return deploy(PROBE_PLUGIN)

@@ -1,0 +1,56 @@
+"""Probe plugin for runtime tests: events go to $SYNAPSE_TEST_EVENTS_DIR/events.jsonl."""
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from serve_runtime import BaseServeDeployment, BatchItem, deferrable
+
+app = FastAPI()
+
+
+def record(event: str, **data: Any) -> None:
+    events = Path(os.environ["SYNAPSE_TEST_EVENTS_DIR"]) / "events.jsonl"
+    with events.open("a") as f:
+        f.write(json.dumps({"event": event, "time": time.time(), **data}) + "\n")
+
+
+class ProbeModel:
+    def __init__(self, path: Path, model_id: Any) -> None:
+        self.path = Path(path)
+        self.model_id = model_id
+
+    def meta(self) -> dict[str, Any]:
+        # Read lazily, long after _get_model returned.
+        return json.loads((self.path / "meta.json").read_text())
+
+    def release(self) -> None:
+        record("release", model=self.model_id, path=str(self.path), exists=self.path.exists())
+
+
+class ProbeDeployment(BaseServeDeployment):
+    app = app
+
+    async def _get_model(self, model_info: dict[str, Any]) -> ProbeModel:
+        record("load", model=model_info["id"], path=str(model_info["path"]))
+        return ProbeModel(model_info["path"], model_info["id"])
+
+    @app.post("/")
+    @deferrable
+    async def infer(self, body: dict) -> Any:
+        return await self.predict(body)
+
+    async def infer_batch(self, requests: list[BatchItem]) -> list[Any]:
+        out = []
+        for r in requests:
+            if r.body.get("sleep_s"):
+                await asyncio.sleep(float(r.body["sleep_s"]))
+            if r.body.get("fail"):
+                raise ValueError("probe asked to fail")
+            out.append({"model": r.model.model_id, "meta": r.model.meta(), "echo": r.body})
+        return out
