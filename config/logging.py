@@ -96,6 +96,8 @@ def configure_logging(fmt: str = "console", level: str = "INFO", *, force: bool 
             foreign_pre_chain=[
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                # Render exc_info to text first, so the traceback is redacted too.
+                structlog.processors.format_exc_info,
                 redact_processor,
             ],
         )

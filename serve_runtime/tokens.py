@@ -10,9 +10,11 @@ is ever accepted on decode.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 ALGORITHM = "HS256"
 MODEL_TOKEN_HEADER = "serve_multiplexed_model_id"
@@ -51,7 +53,9 @@ def create_serve_multiplexed_model_id(
         payload["tenant"] = tenant
     if ttl_s:
         payload["exp"] = int(time.time()) + int(ttl_s)
-    return jwt.encode(payload, signing_key or backend_url, algorithm=ALGORITHM)
+    with warnings.catch_warnings():  # the SDK's key is a URL: short by design
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return jwt.encode(payload, signing_key or backend_url, algorithm=ALGORITHM)
 
 
 def decode_model_token(encoded: str, key: str) -> ModelClaims:
@@ -63,7 +67,9 @@ def decode_model_token(encoded: str, key: str) -> ModelClaims:
     if header.get("alg") != ALGORITHM:
         raise TokenError(f"model token algorithm {header.get('alg')!r} refused (HS256 only)")
     try:
-        claims = jwt.decode(encoded, key, algorithms=[ALGORITHM], options={"require": []})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+            claims = jwt.decode(encoded, key, algorithms=[ALGORITHM], options={"require": []})
     except jwt.ExpiredSignatureError:
         raise TokenError("model token expired") from None
     except jwt.InvalidSignatureError:

@@ -63,8 +63,14 @@ def model_archives(session_dir: Path) -> dict[int, Path]:
 
 def seed_spec(archives: dict[int, Path]) -> dict[str, Any]:
     def model(mid: int, tenant: str = "acme", **kw: Any) -> dict[str, Any]:
-        return {"id": mid, "name": f"model-{mid}", "tenant": tenant, "version": 1,
-                "archive": str(archives[mid]), **kw}
+        return {
+            "id": mid,
+            "name": f"model-{mid}",
+            "tenant": tenant,
+            "version": 1,
+            "archive": str(archives[mid]),
+            **kw,
+        }
 
     return {
         "tenants": ["acme", "globex"],

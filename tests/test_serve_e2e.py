@@ -37,8 +37,9 @@ def events(session_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_infer_remote_predicts(example_app: Any, serve_env: dict[str, str],
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_infer_remote_predicts(
+    example_app: Any, serve_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Route prefix from ./config.yaml (the SDK's third branch), token and host from ctx.env.
     monkeypatch.chdir(EXAMPLE_PLUGIN)
 
@@ -50,8 +51,9 @@ def test_infer_remote_predicts(example_app: Any, serve_env: dict[str, str],
             return self.values.get(name)
 
     class Ctx:
-        env = Env({"SYNAPSE_HOST": serve_env["SYNAPSE_HOST"],
-                   "SYNAPSE_ACCESS_TOKEN": TOKENS["alice"]})
+        env = Env(
+            {"SYNAPSE_HOST": serve_env["SYNAPSE_HOST"], "SYNAPSE_ACCESS_TOKEN": TOKENS["alice"]}
+        )
 
     result = infer_remote({"model": 12, "json": {"inputs": ROWS}, "tenant": "acme"}, Ctx())
     assert result["predictions"] == ["setosa", "virginica", "versicolor"]
@@ -63,8 +65,9 @@ def client(**overrides: Any) -> ServeClient:
     return ServeClient(load_settings(**overrides))
 
 
-def call(c: ServeClient, app: Any, body: Any, *, model: int, user: str, tenant: str = "acme",
-         **kw: Any) -> Any:
+def call(
+    c: ServeClient, app: Any, body: Any, *, model: int, user: str, tenant: str = "acme", **kw: Any
+) -> Any:
     return c.infer(app.route_prefix, body, model=model, token=TOKENS[user], tenant=tenant, **kw)
 
 
@@ -146,8 +149,9 @@ def test_bad_input_is_a_client_error(example_app: Any) -> None:
 
 def test_unknown_route_is_transient(example_app: Any) -> None:
     with pytest.raises(ServeRouteNotFound):
-        client().infer("/no-such-app", {"inputs": ROWS}, model=12, token=TOKENS["alice"],
-                       tenant="acme")
+        client().infer(
+            "/no-such-app", {"inputs": ROWS}, model=12, token=TOKENS["alice"], tenant="acme"
+        )
 
 
 def test_concurrent_requests_are_batched_and_correct(example_app: Any) -> None:
@@ -192,8 +196,11 @@ def test_affine_key_must_match_the_token(example_app: Any, serve_env: dict[str, 
 
 def test_sdk_token_accepted_at_the_endpoint(example_app: Any, serve_env: dict[str, str]) -> None:
     # Minted exactly as the SDK does: HS256, backend URL as key, no exp.
-    sdk = jwt.encode({"model": "12", "token": TOKENS["alice"], "tenant": "acme"},
-                     serve_env["SYNAPSE_HOST"], algorithm="HS256")
+    sdk = jwt.encode(
+        {"model": "12", "token": TOKENS["alice"], "tenant": "acme"},
+        serve_env["SYNAPSE_HOST"],
+        algorithm="HS256",
+    )
     r = _raw(example_app, serve_env, {MODEL_TOKEN_HEADER: sdk})
     assert r.status_code == 200, r.text
     assert r.json()["predictions"][0] == "setosa"
@@ -262,17 +269,26 @@ def test_deferred_result_is_polled(probe_app: Any) -> None:
     first_poll = c.poll(probe_app.route_prefix, pending.ticket, **kw)
     assert isinstance(first_poll, Pending)  # not ready yet: the work takes 1.5 s
     result = wait_for(
-        lambda: (r := c.poll(probe_app.route_prefix, pending.ticket, **kw))
-        and not isinstance(r, Pending) and r,
-        timeout=20, interval=0.1, what="deferred result",
+        lambda: (
+            (r := c.poll(probe_app.route_prefix, pending.ticket, **kw))
+            and not isinstance(r, Pending)
+            and r
+        ),
+        timeout=20,
+        interval=0.1,
+        what="deferred result",
     )
     assert result["echo"]["tag"] == "slow"
 
 
 def test_call_and_wait_follows_a_deferred_result(probe_app: Any) -> None:
     result = client().call_and_wait(
-        probe_app.route_prefix, {"sleep_s": 0.8, "tag": "w"}, model=22,
-        token=TOKENS["alice"], tenant="acme", wait_s=30,
+        probe_app.route_prefix,
+        {"sleep_s": 0.8, "tag": "w"},
+        model=22,
+        token=TOKENS["alice"],
+        tenant="acme",
+        wait_s=30,
     )
     assert result["echo"]["tag"] == "w"
 

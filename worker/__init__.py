@@ -1,0 +1,1 @@
+"""The worker tier: Celery app, tasks, intake, write-back, and the CLI."""
