@@ -25,7 +25,9 @@ SECRET_KEYS = re.compile(
 # A JWT anywhere in a string: three base64url segments, the first a JSON header.
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}")
 # "Token abc", "Bearer abc" as in auth headers.
-AUTH_RE = re.compile(r"\b(Token|Bearer)\s+[A-Za-z0-9._~+/=-]{6,}", re.IGNORECASE)
+AUTH_RE = re.compile(r"\b(Token|Bearer|TOKEN|BEARER|bearer)\s+[A-Za-z0-9._~+/=-]{6,}")
+# Passwords inside URLs: scheme://user:password@host
+URL_PASSWORD_RE = re.compile(r"(?P<pre>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s/]+)(?P<at>@)")
 # key=value / "key": "value" forms for secret-looking keys inside free text.
 KV_RE = re.compile(
     r"""(?P<k>["']?(?:[a-z_]*token|jwt|secret|password|api_key|authorization)["']?\s*[:=]\s*)"""
@@ -38,6 +40,7 @@ def redact_text(text: str) -> str:
     """Mask JWTs, auth header values and secret-looking key=value pairs in free text."""
     text = JWT_RE.sub(REDACTED, text)
     text = AUTH_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = URL_PASSWORD_RE.sub(lambda m: f"{m.group('pre')}{REDACTED}{m.group('at')}", text)
     return KV_RE.sub(lambda m: f"{m.group('k')}{m.group('q')}{REDACTED}", text)
 
 

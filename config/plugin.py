@@ -81,8 +81,9 @@ class PluginConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str | None = None
-    code: str = Field(..., min_length=1)
-    version: str = Field(..., min_length=1)
+    # YAML reads ``version: 1.0`` as a number; the SDK formats it with str() for the prefix.
+    code: str = Field(..., min_length=1, coerce_numbers_to_str=True)
+    version: str = Field(..., min_length=1, coerce_numbers_to_str=True)
     actions: dict[str, ActionConfig] = Field(default_factory=dict)
 
     def action(self, name: str) -> ActionConfig:

@@ -153,6 +153,12 @@ class Settings(BaseSettings):
             raise ValueError("must be greater than 0")
         return v
 
+    def __repr_args__(self) -> Any:
+        from config.logging import redact_text
+
+        for name, value in super().__repr_args__():
+            yield name, redact_text(value) if isinstance(value, str) else value
+
     @property
     def backend_url(self) -> str | None:
         """The backend base URL, as the SDK finds it: run host first, then SYNAPSE_HOST."""
