@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -113,6 +120,28 @@ class Settings(BaseSettings):
     redis_url: str | None = _env("REDIS_URL")
     broker_url: str | None = _env("BROKER_URL")
 
+    visibility_timeout_s: int = _env("SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT", default=3600)
+    task_soft_time_limit_s: float = _env("SYNAPSE_BRIDGE_TASK_SOFT_TIME_LIMIT", default=600.0)
+    task_time_limit_s: float = _env("SYNAPSE_BRIDGE_TASK_TIME_LIMIT", default=660.0)
+    worker_concurrency: int = _env("SYNAPSE_BRIDGE_WORKER_CONCURRENCY", default=16)
+    retry_max: int = _env("SYNAPSE_BRIDGE_RETRY_MAX", default=6)
+    retry_base_s: float = _env("SYNAPSE_BRIDGE_RETRY_BASE", default=1.0)
+    retry_cap_s: float = _env("SYNAPSE_BRIDGE_RETRY_CAP", default=60.0)
+    deferred_max_wait_s: float = _env("SYNAPSE_BRIDGE_DEFERRED_MAX_WAIT", default=3600.0)
+    batch_chunk_size: int = _env("SYNAPSE_BRIDGE_BATCH_CHUNK_SIZE", default=16)
+    batch_max_items: int = _env("SYNAPSE_BRIDGE_BATCH_MAX_ITEMS", default=10_000)
+    batch_item_failure: Literal["partial", "fail"] = _env(
+        "SYNAPSE_BRIDGE_BATCH_ITEM_FAILURE", default="partial"
+    )
+    progress_interval_s: float = _env("SYNAPSE_BRIDGE_PROGRESS_INTERVAL", default=1.0)
+    outbox_flush_interval_s: float = _env("SYNAPSE_BRIDGE_OUTBOX_FLUSH_INTERVAL", default=5.0)
+    final_marker_ttl_s: int = _env("SYNAPSE_BRIDGE_FINAL_MARKER_TTL", default=7 * 24 * 3600)
+    intake_interval_s: float = _env("SYNAPSE_BRIDGE_INTAKE_INTERVAL", default=5.0)
+    intake_claim_ttl_s: int = _env("SYNAPSE_BRIDGE_INTAKE_CLAIM_TTL", default=24 * 3600)
+    intake_page_size: int = _env("SYNAPSE_BRIDGE_INTAKE_PAGE_SIZE", default=100)
+    metrics_port: int = _env("SYNAPSE_BRIDGE_METRICS_PORT", default=9808)
+    max_message_bytes: int = _env("SYNAPSE_BRIDGE_MAX_MESSAGE_BYTES", default=8 * 1024 * 1024)
+
     # --- Logs.
     log_format: Literal["json", "console"] = _env("SYNAPSE_BRIDGE_LOG_FORMAT", default="console")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
@@ -146,12 +175,47 @@ class Settings(BaseSettings):
         "backend_timeout_s",
         "serve_max_connections",
         "deferred_poll_interval_s",
+        "visibility_timeout_s",
+        "task_soft_time_limit_s",
+        "task_time_limit_s",
+        "worker_concurrency",
+        "retry_base_s",
+        "retry_cap_s",
+        "batch_chunk_size",
+        "batch_max_items",
+        "progress_interval_s",
+        "outbox_flush_interval_s",
+        "intake_interval_s",
+        "intake_page_size",
     )
     @classmethod
     def _positive(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("must be greater than 0")
         return v
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ValueError(
+                "SYNAPSE_BRIDGE_TASK_SOFT_TIME_LIMIT must be below SYNAPSE_BRIDGE_TASK_TIME_LIMIT"
+            )
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(
+                "SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT must exceed SYNAPSE_BRIDGE_TASK_TIME_LIMIT "
+                "(else Redis redelivers jobs still running)"
+            )
+        return self
+
+    @property
+    def broker(self) -> str:
+        """The broker URL: BROKER_URL, else REDIS_URL, else a local Redis."""
+        return self.broker_url or self.redis_url or "redis://127.0.0.1:6379/0"
+
+    @property
+    def redis(self) -> str:
+        """Redis for results, the outbox and claims (REDIS_URL, else a local Redis)."""
+        return self.redis_url or "redis://127.0.0.1:6379/0"
 
     def __repr_args__(self) -> Any:
         from config.logging import redact_text
@@ -188,8 +252,11 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            loc = err["loc"][0] if err["loc"] else "?"
-            name = _alias_of(str(loc)) if str(loc) in Settings.model_fields else str(loc)
+            if not err["loc"]:  # a check across fields names its variables itself
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            loc = str(err["loc"][0])
+            name = _alias_of(loc) if loc in Settings.model_fields else loc
             problems.append(f"{name}: {err['msg']}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 

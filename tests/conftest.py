@@ -168,3 +168,111 @@ def probe_app(ray_serve: None) -> Any:
     from serve_runtime.deploy import deploy
 
     return deploy(PROBE_PLUGIN)
+
+
+# --- the worker tier: Redis, a worker process
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL when set and reachable, else a throwaway redis-server for the session."""
+    from worker.redis_server import ensure_redis
+
+    url, server = ensure_redis(os.environ.get("REDIS_URL"))
+    yield url
+    if server is not None:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def worker_env(serve_env: dict[str, str], redis_url: str, session_dir: Path) -> dict[str, str]:
+    """The environment of worker processes and of in-process producers."""
+    env = {
+        **serve_env,
+        "REDIS_URL": redis_url,
+        "SYNAPSE_ACCESS_TOKEN": TOKENS["service"],
+        "SYNAPSE_BRIDGE_RETRY_BASE": "0.2",
+        "SYNAPSE_BRIDGE_RETRY_CAP": "1",
+        "SYNAPSE_BRIDGE_RETRY_MAX": "4",
+        "SYNAPSE_BRIDGE_OUTBOX_FLUSH_INTERVAL": "0.5",
+        "SYNAPSE_BRIDGE_PROGRESS_INTERVAL": "0.2",
+        "SYNAPSE_BRIDGE_BATCH_CHUNK_SIZE": "4",
+        "SYNAPSE_BRIDGE_LOG_FORMAT": "json",
+        "SYNAPSE_BRIDGE_METRICS_PORT": str(free_port("127.0.0.1")),
+    }
+    os.environ.update(env)
+    _reset_process_singletons()
+    return env
+
+
+def _reset_process_singletons() -> None:
+    from config.settings import get_settings
+    from serve_runtime.client import reset_default_client
+    from worker.backend_api import reset_default_backend
+    from worker.redis_conn import reset_redis
+
+    get_settings.cache_clear()
+    reset_default_client()
+    reset_default_backend()
+    reset_redis()
+    import worker.tasks as tasks
+
+    tasks._writeback = None
+
+
+class WorkerProcess:
+    """``synapse-bridge worker`` as a real subprocess; its JSON log is kept for scans."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 8) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.concurrency = concurrency
+        self.proc: Any = None
+
+    def start(self) -> WorkerProcess:
+        import subprocess
+        import sys
+
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "-c", str(self.concurrency)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(ROOT),
+        )
+        wait_for(
+            lambda: (
+                "worker ready" in self.log_path.read_text(errors="replace")
+                or self.proc.poll() is not None
+            ),
+            timeout=60,
+            what="worker ready",
+        )
+        assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def worker_proc(
+    worker_env: dict[str, str], example_app: Any, probe_app: Any, session_dir: Path
+) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(worker_env, session_dir / "worker.log").start()
+    yield proc
+    proc.stop()

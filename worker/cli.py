@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -109,6 +110,121 @@ def serve_delete(app_name: str) -> None:
         raise click.ClickException(f"no application named {app_name!r}")
     ray_serve.delete(app_name)
     click.echo(f"deleted {app_name}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--concurrency",
+    "-c",
+    type=int,
+    default=None,
+    help="Threads (default SYNAPSE_BRIDGE_WORKER_CONCURRENCY).",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["threads", "prefork", "solo"]),
+    default="threads",
+    show_default=True,
+)
+@click.option("--queues", "-Q", default="inference", show_default=True)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(
+    concurrency: int | None, pool: str, queues: str, loglevel: str, celery_args: tuple[str, ...]
+) -> None:
+    """Run the Celery worker with our settings (extra arguments go to Celery)."""
+    from config import get_settings
+    from worker.app import app
+
+    settings = get_settings()
+    argv = [
+        "worker",
+        f"--pool={pool}",
+        f"--queues={queues}",
+        f"--loglevel={loglevel}",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
+        "--without-mingle",
+        "--without-gossip",
+        *celery_args,
+    ]
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="One pass over the pending jobs, then exit.")
+def intake(once: bool) -> None:
+    """Poll the backend for PENDING inference jobs and enqueue each once."""
+    from worker.intake import Intake
+
+    runner = Intake.from_settings()
+    if once:
+        click.echo(f"enqueued {runner.poll_once()} jobs")
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        runner.run_forever()
+
+
+@main.command()
+@click.option("--model", required=True, help="Model id.")
+@click.option("--tenant", default=None, help="Tenant code.")
+@click.option("--json", "json_body", default=None, help="Request body (a JSON object).")
+@click.option(
+    "--file",
+    "items_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A batch job: one JSON request body per line (JSONL).",
+)
+@click.option("--job-id", default=None, help="An existing backend job (else one is created).")
+@click.option("--release-checksum", envvar="SYNAPSE_PLUGIN_RELEASE_CHECKSUM", default=None)
+@click.option("--release-code", envvar="SYNAPSE_PLUGIN_RELEASE_CODE", default=None)
+@click.option("--release-version", default=None)
+@click.option(
+    "--plugin-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Take code@version from this plugin's config.yaml.",
+)
+@click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True)
+@click.option(
+    "--admin-token",
+    envvar="SYNAPSE_BACKEND_ADMIN_TOKEN",
+    default=None,
+    help="Local backend admin token, to create the job.",
+)
+def submit(
+    model: str,
+    tenant: str | None,
+    json_body: str | None,
+    items_file: Path | None,
+    job_id: str | None,
+    release_checksum: str | None,
+    release_code: str | None,
+    release_version: str | None,
+    plugin_dir: Path | None,
+    priority: int,
+    admin_token: str | None,
+) -> None:
+    """Submit one inference job (or a batch job from a JSONL file)."""
+    from worker.cli_submit import submit_from_cli
+
+    try:
+        out = submit_from_cli(
+            model=model,
+            tenant=tenant,
+            json_body=json_body,
+            items_file=items_file,
+            job_id=job_id,
+            release_checksum=release_checksum,
+            release_code=release_code,
+            release_version=release_version,
+            plugin_dir=plugin_dir,
+            priority=priority,
+            admin_token=admin_token,
+        )
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(out)
 
 
 @main.command()

@@ -1,0 +1,275 @@
+"""The worker end to end: real Redis, a real worker process, real Serve, the real backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.conftest import TOKENS, WorkerProcess, wait_for
+
+pytestmark = pytest.mark.usefixtures("worker_proc")
+
+RELEASE = {"code": "example-classifier", "version": "1.0.0"}
+PROBE = {"code": "probe", "version": "0.1.0"}
+ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0]]
+FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def new_job(
+    admin: Any,
+    *,
+    model: int = 12,
+    tenant: str = "acme",
+    release: dict | None = None,
+    body: Any = None,
+    items: list | None = None,
+) -> str:
+    job_id = uuid.uuid4().hex
+    params: dict[str, Any] = {"model": model}
+    if items is not None:
+        params["items"] = items
+    else:
+        params["json"] = body if body is not None else {"inputs": ROWS}
+    admin.create_job(id=job_id, tenant=tenant, plugin_release=release or RELEASE, params=params)
+    return job_id
+
+
+def send(
+    job_id: str,
+    *,
+    user: str = "alice",
+    model: int = 12,
+    tenant: str = "acme",
+    release: dict | None = None,
+    body: Any = None,
+    items: list | None = None,
+) -> None:
+    from worker.submit import submit
+
+    submit(
+        job_id=job_id,
+        model=model,
+        token=TOKENS[user],
+        tenant=tenant,
+        release=release or RELEASE,
+        json=None if items is not None else (body if body is not None else {"inputs": ROWS}),
+        items=items,
+    )
+
+
+def wait_final(admin: Any, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    return wait_for(
+        lambda: (j := admin.job(job_id))["status"] in FINAL and j,
+        timeout=timeout,
+        interval=0.1,
+        what=f"job {job_id} final",
+    )
+
+
+def final_writes(admin: Any, job_id: str) -> list[dict[str, Any]]:
+    return [w for w in admin.writes(job_id) if w["body"].get("status") in FINAL]
+
+
+def test_single_job_succeeds_with_its_result(admin: Any) -> None:
+    job_id = new_job(admin)
+    send(job_id)
+    job = wait_final(admin, job_id)
+    assert job["status"] == "SUCCEEDED"
+    assert job["result"]["predictions"] == ["setosa", "virginica"]
+    metrics = job["metrics_record"]
+    assert metrics["attempts"] == 1 and metrics["inference_s"] > 0 and "queue_wait_s" in metrics
+    assert len(final_writes(admin, job_id)) == 1
+    assert any(w["body"].get("status") == "RUNNING" for w in admin.writes(job_id))
+
+
+def test_batch_job_keeps_item_order_and_reports_progress(admin: Any) -> None:
+    rows = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
+    items = [{"inputs": [rows[i % 3]]} for i in range(10)]
+    job_id = new_job(admin, items=items)
+    send(job_id, items=items)
+    job = wait_final(admin, job_id)
+    assert job["status"] == "SUCCEEDED"
+    expected = ["setosa", "virginica", "versicolor"]
+    assert [r["predictions"][0] for r in job["result"]] == [expected[i % 3] for i in range(10)]
+    assert job["progress_record"] == {"done": 10, "total": 10}
+    assert job["metrics_record"]["items_total"] == 10
+    assert len(final_writes(admin, job_id)) == 1
+
+
+def test_batch_item_client_errors_are_kept_in_place(admin: Any) -> None:
+    items = [{"inputs": ROWS[:1]}, {"inputs": [[1, 2]]}, {"inputs": ROWS[1:]}]
+    job_id = new_job(admin, items=items)
+    send(job_id, items=items)
+    job = wait_final(admin, job_id)
+    assert job["status"] == "SUCCEEDED"  # the default policy: partial
+    assert job["result"][0]["predictions"] == ["setosa"]
+    assert job["result"][1]["error"]["code"] == "invalid_input"
+    assert job["result"][2]["predictions"] == ["virginica"]
+    assert job["metrics_record"]["items_failed"] == 1
+
+
+def test_client_error_fails_at_once_without_retry(admin: Any) -> None:
+    job_id = new_job(admin, model=13)
+    send(job_id, user="carol", model=13)  # carol has no grant on model 13: 403
+    job = wait_final(admin, job_id)
+    assert job["status"] == "FAILED"
+    assert "403" in job["result"]["error"]
+    assert job["metrics_record"]["attempts"] == 1
+    running = [w for w in admin.writes(job_id) if w["body"].get("status") == "RUNNING"]
+    assert len(running) == 1
+
+
+def test_transient_503_is_retried_then_succeeds(admin: Any) -> None:
+    # The replica's authorization call to the backend fails once with 503 -> the runtime
+    # answers 503 (transient) -> the worker retries -> success. bob+model 16 is uncached.
+    admin.set_faults(
+        [
+            {
+                "path_prefix": "models/16/",
+                "methods": ["GET"],
+                "error_rate": 1.0,
+                "error_status": 503,
+                "limit": 1,
+            }
+        ]
+    )
+    try:
+        job_id = new_job(admin, model=16, tenant="globex")
+        send(job_id, user="eve", model=16, tenant="globex")
+        job = wait_final(admin, job_id)
+    finally:
+        admin.clear_faults()
+    assert job["status"] == "SUCCEEDED", job["result"]
+    assert job["metrics_record"]["attempts"] == 2
+    assert len(final_writes(admin, job_id)) == 1
+
+
+def test_backend_write_failure_goes_to_outbox_then_is_delivered_once(admin: Any) -> None:
+    from worker.redis_conn import get_redis
+    from worker.writeback import OUTBOX
+
+    job_id = new_job(admin)
+    admin.set_faults(
+        [{"path_prefix": f"jobs/{job_id}/", "methods": ["PATCH", "GET"], "outage": True}]
+    )
+    try:
+        send(job_id)
+        wait_for(
+            lambda: get_redis().hexists(OUTBOX, job_id), timeout=60, what="result in the outbox"
+        )
+        assert admin.job(job_id)["status"] == "PENDING"
+    finally:
+        admin.clear_faults()
+    job = wait_final(admin, job_id)
+    assert job["status"] == "SUCCEEDED"
+    wait_for(lambda: not get_redis().hexists(OUTBOX, job_id), what="outbox emptied")
+    assert len(final_writes(admin, job_id)) == 1
+
+
+def test_redelivered_message_for_a_finished_job_is_skipped(admin: Any) -> None:
+    job_id = new_job(admin)
+    send(job_id)
+    wait_final(admin, job_id)
+    writes_before = len(admin.writes(job_id))
+    # The same job again, as a redelivery would bring it; its task outcome is SKIPPED.
+    from worker.submit import submit
+
+    again = submit(
+        job_id=job_id,
+        model=12,
+        token=TOKENS["alice"],
+        tenant="acme",
+        release=RELEASE,
+        json={"inputs": ROWS},
+    )
+    assert again.get(timeout=30) == {"job_id": job_id, "status": "SKIPPED"}
+    assert len(admin.writes(job_id)) == writes_before
+    assert len(final_writes(admin, job_id)) == 1
+
+
+def test_invalid_message_is_quarantined_and_its_job_failed(admin: Any) -> None:
+    from worker.app import app
+    from worker.message import INVALID_QUEUE, TASK_NAME
+    from worker.redis_conn import get_redis
+
+    job_id = new_job(admin)
+    before = get_redis().llen(INVALID_QUEUE)
+    app.send_task(TASK_NAME, kwargs={"job": {"job_id": job_id, "token": "x", "model": 12}})
+    job = wait_final(admin, job_id)
+    assert job["status"] == "FAILED"
+    assert "release: Field required" in job["result"]["error"]
+    wait_for(lambda: get_redis().llen(INVALID_QUEUE) > before, what="message quarantined")
+
+
+def test_pickle_message_is_refused_and_quarantined(admin: Any) -> None:
+    from kombu import Connection
+
+    from worker.message import INVALID_QUEUE, QUEUE
+    from worker.redis_conn import get_redis
+
+    before = get_redis().llen(INVALID_QUEUE)
+    with Connection(os.environ["REDIS_URL"]) as conn:
+        producer = conn.Producer(serializer="pickle")
+        producer.publish(
+            [[], {"job": {"job_id": "pickled"}}, {}],
+            routing_key=QUEUE,
+            headers={
+                "task": "synapse.inference.run",
+                "id": uuid.uuid4().hex,
+                "lang": "py",
+                "argsrepr": "()",
+                "kwargsrepr": "{}",
+            },
+        )
+    wait_for(lambda: get_redis().llen(INVALID_QUEUE) > before, what="pickle quarantined")
+    # and the worker still serves
+    job_id = new_job(admin)
+    send(job_id)
+    assert wait_final(admin, job_id)["status"] == "SUCCEEDED"
+
+
+def test_deferred_result_is_polled_to_success(admin: Any) -> None:
+    job_id = new_job(admin, model=22, release=PROBE, body={"sleep_s": 1.5, "tag": "slow"})
+    send(job_id, model=22, release=PROBE, body={"sleep_s": 1.5, "tag": "slow"})
+    job = wait_final(admin, job_id)
+    assert job["status"] == "SUCCEEDED"
+    assert job["result"]["echo"]["tag"] == "slow"
+    assert job["metrics_record"]["deferred"] is True
+    assert job["metrics_record"]["polls"] >= 1
+
+
+def test_intake_enqueues_each_pending_job_once(admin: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.intake import Intake
+
+    ids = [new_job(admin) for _ in range(5)]
+    intake = Intake.from_settings()
+    with ThreadPoolExecutor(3) as pool:
+        counts = list(pool.map(lambda _: intake.poll_once(), range(3)))
+    assert sum(counts) >= 5  # other tests' pending jobs may be picked up too
+    for job_id in ids:  # claimed once; a later pass cannot enqueue them again
+        assert not intake.claim(job_id)
+    for job_id in ids:
+        assert wait_final(admin, job_id)["status"] == "SUCCEEDED"
+        assert len(final_writes(admin, job_id)) == 1
+        running = [w for w in admin.writes(job_id) if w["body"].get("status") == "RUNNING"]
+        assert len(running) == 1  # enqueued and run once
+
+
+def test_logs_carry_job_id_and_never_a_token(admin: Any, worker_proc: WorkerProcess) -> None:
+    job_id = new_job(admin)
+    send(job_id)
+    wait_final(admin, job_id)
+    text = worker_proc.log_path.read_text(errors="replace")
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    mine = [entry for entry in lines if entry.get("job_id") == job_id]
+    assert any(entry["event"] == "job finished" for entry in mine)
+    assert all({"task_id", "attempt"} <= set(entry) for entry in mine)
+    for token in TOKENS.values():
+        assert token not in text
+    assert "eyJ" not in text

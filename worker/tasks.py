@@ -1,0 +1,414 @@
+"""The tasks: run an inference job, poll a deferred one, intake, flush the outbox.
+
+A job's life: validate -> skip if already final -> RUNNING -> infer_remote -> the
+final write (once, through ``writeback``). Errors are classified: 4xx fails at once;
+transient errors retry with backoff and jitter up to a bound, then the job fails and
+its message goes to the dead-letter queue. A pending (deferred) answer schedules a
+poll task instead of holding the worker slot.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import structlog
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from config import get_settings
+from serve_runtime.client import default_client
+from serve_runtime.deferred import Pending
+from serve_runtime.errors import (
+    DeferredNotFound,
+    ServeError,
+    ServeServerError,
+)
+from worker import metrics
+from worker.app import app
+from worker.backend_api import FINAL_STATUSES, BackendRejected, BackendUnavailable, default_backend
+from worker.batch import run_batch
+from worker.message import (
+    DEAD_LETTER_TASK_NAME,
+    DLQ,
+    INVALID_QUEUE,
+    POLL_TASK_NAME,
+    TASK_NAME,
+    InvalidJob,
+    JobMessage,
+    parse_job,
+    readable_job_id,
+)
+from worker.redis_conn import get_redis
+from worker.retry import RetryPolicy
+from worker.writeback import WriteBack
+
+log = structlog.get_logger("worker.tasks")
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def safe_kwargsrepr(kwargs: dict[str, Any] | None) -> str:
+    """What events and Flower show of a task's kwargs: never the token."""
+    job = (kwargs or {}).get("job")
+    if isinstance(job, dict):
+        return repr(
+            {
+                "job": {
+                    "job_id": job.get("job_id"),
+                    "model": job.get("model"),
+                    "tenant": job.get("tenant"),
+                }
+            }
+        )
+    return "{...}"
+
+
+class BridgeTask(Task):
+    """Every send carries a redacted kwargs repr (retries and polls included)."""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        options["kwargsrepr"] = safe_kwargsrepr(kwargs)
+        options["argsrepr"] = "()" if not args else f"({len(args)} args)"
+        return super().apply_async(args, kwargs, **options)
+
+
+_writeback: WriteBack | None = None
+
+
+def writeback() -> WriteBack:
+    global _writeback
+    if _writeback is None:
+        _writeback = WriteBack(default_backend(), get_redis())
+    return _writeback
+
+
+class TransientFailure(Exception):
+    """Carried by Celery's retry; its text is already safe to log."""
+
+
+def _error_text(e: BaseException) -> str:
+    from config import redact_text
+
+    return redact_text(f"{type(e).__name__}: {e}")[:2000]
+
+
+def _metrics_record(
+    job: JobMessage, started: float, inferred_s: float, attempt: int, **extra: Any
+) -> dict[str, Any]:
+    now = time.time()
+    out: dict[str, Any] = {
+        "attempts": attempt,
+        "inference_s": round(inferred_s, 6),
+        "started_at": started,
+        "finished_at": now,
+        "worker": WORKER_NAME,
+        **extra,
+    }
+    if job.submitted_at is not None:
+        out["submitted_at"] = job.submitted_at
+        out["queue_wait_s"] = round(max(0.0, started - job.submitted_at), 6)
+        out["total_s"] = round(max(0.0, now - job.submitted_at), 6)
+    return out
+
+
+def finish(
+    job: JobMessage,
+    status: str,
+    *,
+    result: Any = None,
+    error: str | None = None,
+    metrics_record: dict[str, Any] | None = None,
+    progress: Any = None,
+) -> str:
+    body: dict[str, Any] = {"status": status, "result": result}
+    if metrics_record is not None:
+        body["metrics_record"] = metrics_record
+    if progress is not None:
+        body["progress_record"] = progress
+    if error is not None:
+        body["result"] = result if result is not None else {"error": error}
+        body["console_logs"] = [{"level": "error", "message": error}]
+    outcome = writeback().finalize(job.job_id, body, tenant=job.tenant)
+    metrics.JOBS.labels(outcome=status.lower()).inc()
+    if metrics_record and "total_s" in metrics_record:
+        metrics.JOB_LATENCY.observe(metrics_record["total_s"])
+    log.info("job finished", status=status, write=outcome, error=error)
+    return outcome
+
+
+def fail_invalid_job(job_id: str, error: str, tenant: str | None) -> None:
+    body = {
+        "status": "FAILED",
+        "result": {"error": error},
+        "console_logs": [{"level": "error", "message": error}],
+    }
+    writeback().finalize(job_id, body, tenant=tenant)
+    metrics.JOBS.labels(outcome="invalid").inc()
+
+
+def quarantine(raw: Any, error: str) -> None:
+    """An unprocessable message: to ``inference.invalid`` with its error, job FAILED."""
+    app.send_task(
+        "synapse.inference.invalid",
+        kwargs={"job": raw, "error": error},
+        queue=INVALID_QUEUE,
+        kwargsrepr=repr({"job_id": readable_job_id(raw), "error": error}),
+    )
+    job_id = readable_job_id(raw)
+    log.error("invalid job message quarantined", job_id=job_id, error=error)
+    if job_id is not None:
+        tenant = raw.get("tenant") if isinstance(raw.get("tenant"), str) else None
+        fail_invalid_job(job_id, error, tenant)
+
+
+def dead_letter(job: JobMessage, error: str, attempts: int) -> None:
+    app.send_task(
+        DEAD_LETTER_TASK_NAME,
+        kwargs={"job": job.wire(), "error": error, "attempts": attempts},
+        queue=DLQ,
+        kwargsrepr=repr({"job_id": job.job_id, "error": error, "attempts": attempts}),
+    )
+    metrics.DEAD_LETTERS.inc()
+
+
+def _already_final(job: JobMessage) -> bool:
+    """True when the job needs no work: final here or on the backend, or result pending."""
+    wb = writeback()
+    if wb.is_done(job.job_id):
+        return True
+    if wb.pending(job.job_id) is not None:  # computed before: deliver, never recompute
+        wb.deliver(job.job_id)
+        return True
+    try:
+        current = default_backend().get_job(job.job_id, job.tenant)
+    except BackendUnavailable:
+        return False  # cannot tell: run; the final write is still made once
+    if current.get("status") in FINAL_STATUSES:
+        log.info("job already final on the backend; skipped", status=current.get("status"))
+        return True
+    return False
+
+
+def _bind(job_id: Any, task: Task, **extra: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(
+        job_id=job_id, task_id=task.request.id, attempt=task.request.retries + 1, **extra
+    )
+
+
+def _retry_or_fail(
+    task: Task, job: JobMessage, e: ServeError | BackendUnavailable, started: float, attempt: int
+) -> Any:
+    policy = RetryPolicy.from_settings()
+    error = _error_text(e)
+    if policy.exhausted(task.request.retries):
+        finish(
+            job,
+            "FAILED",
+            error=f"gave up after {attempt} attempts: {error}",
+            metrics_record=_metrics_record(job, started, 0.0, attempt),
+        )
+        dead_letter(job, error, attempt)
+        return {"job_id": job.job_id, "status": "FAILED"}
+    delay = policy.delay(task.request.retries)
+    metrics.RETRIES.inc()
+    log.warning("transient error; retrying", error=error, retry_in_s=round(delay, 2))
+    raise task.retry(countdown=delay, exc=TransientFailure(error), max_retries=None)
+
+
+def _is_transient(e: ServeError) -> bool:
+    # A bare 500 (a replica raising, or dying mid-request) is retried within the bound;
+    # a 500 we understand (an answer that is not JSON, a bad envelope) is not.
+    return e.transient or (isinstance(e, ServeServerError) and e.code is None)
+
+
+@app.task(name=TASK_NAME, bind=True, base=BridgeTask, acks_late=True)
+def run(self: Task, *args: Any, job: Any = None, **unexpected: Any) -> dict[str, Any]:
+    started = time.time()
+    attempt = self.request.retries + 1
+    _bind(readable_job_id(job), self)
+    settings = get_settings()
+    try:
+        if args or unexpected:
+            names = sorted(unexpected) + (["positional args"] if args else [])
+            raise InvalidJob(f"unexpected task arguments: {names}", readable_job_id(job))
+        msg = parse_job(
+            job, max_items=settings.batch_max_items, max_bytes=settings.max_message_bytes
+        )
+    except InvalidJob as e:
+        quarantine(job, str(e))
+        return {"job_id": e.job_id, "status": "INVALID"}
+    _bind(msg.job_id, self, tenant=msg.tenant, model=msg.model)
+    if _already_final(msg):
+        return {"job_id": msg.job_id, "status": "SKIPPED"}
+    if msg.expired():
+        finish(msg, "FAILED", error="deadline passed before the job could run")
+        return {"job_id": msg.job_id, "status": "FAILED"}
+    writeback().update(
+        msg.job_id,
+        {
+            "status": "RUNNING",
+            "meta": {"attempt": attempt, "task_id": self.request.id, "worker": WORKER_NAME},
+        },
+        tenant=msg.tenant,
+    )
+    try:
+        if msg.is_batch:
+            return run_batch(self, msg, started=started, attempt=attempt)
+        t0 = time.perf_counter()
+        out = default_client().infer(
+            msg.release.route_prefix,
+            msg.body,
+            model=msg.model,
+            token=msg.token.get_secret_value(),
+            tenant=msg.tenant,
+            method=msg.method,
+        )
+        inferred = time.perf_counter() - t0
+        metrics.INFERENCE_LATENCY.observe(inferred)
+    except SoftTimeLimitExceeded:
+        finish(
+            msg,
+            "FAILED",
+            error="time limit exceeded",
+            metrics_record=_metrics_record(msg, started, time.time() - started, attempt),
+        )
+        return {"job_id": msg.job_id, "status": "FAILED"}
+    except ServeError as e:
+        if _is_transient(e):
+            return _retry_or_fail(self, msg, e, started, attempt)
+        finish(
+            msg,
+            "FAILED",
+            error=_error_text(e),
+            metrics_record=_metrics_record(msg, started, 0.0, attempt),
+        )
+        return {"job_id": msg.job_id, "status": "FAILED"}
+    if isinstance(out, Pending):
+        schedule_poll(
+            msg, out.ticket, first_pending_at=time.time(), started=started, attempt=attempt
+        )
+        return {"job_id": msg.job_id, "status": "DEFERRED"}
+    finish(
+        msg,
+        "SUCCEEDED",
+        result=out,
+        metrics_record=_metrics_record(msg, started, inferred, attempt),
+    )
+    return {"job_id": msg.job_id, "status": "SUCCEEDED"}
+
+
+def schedule_poll(
+    msg: JobMessage,
+    ticket: str,
+    *,
+    first_pending_at: float,
+    started: float,
+    attempt: int,
+    polls: int = 0,
+    countdown: float | None = None,
+) -> None:
+    poll.apply_async(
+        kwargs={
+            "job": msg.wire(),
+            "ticket": ticket,
+            "first_pending_at": first_pending_at,
+            "started": started,
+            "attempt": attempt,
+            "polls": polls,
+        },
+        countdown=get_settings().deferred_poll_interval_s if countdown is None else countdown,
+        priority=msg.priority,
+    )
+
+
+@app.task(name=POLL_TASK_NAME, bind=True, base=BridgeTask, acks_late=True)
+def poll(
+    self: Task,
+    *,
+    job: dict[str, Any],
+    ticket: str,
+    first_pending_at: float,
+    started: float,
+    attempt: int,
+    polls: int = 0,
+) -> dict[str, Any]:
+    msg = parse_job(job)
+    _bind(msg.job_id, self, tenant=msg.tenant, model=msg.model, polls=polls)
+    if writeback().is_done(msg.job_id):
+        return {"job_id": msg.job_id, "status": "SKIPPED"}
+    settings = get_settings()
+    try:
+        out = default_client().poll(
+            msg.release.route_prefix,
+            ticket,
+            model=msg.model,
+            token=msg.token.get_secret_value(),
+            tenant=msg.tenant,
+        )
+    except DeferredNotFound:
+        log.warning("deferred ticket lost (replica restarted?); submitting the job again")
+        run.apply_async(kwargs={"job": job}, priority=msg.priority)
+        return {"job_id": msg.job_id, "status": "RESUBMITTED"}
+    except ServeError as e:
+        if _is_transient(e) and not RetryPolicy.from_settings().exhausted(polls // 10):
+            schedule_poll(
+                msg,
+                ticket,
+                first_pending_at=first_pending_at,
+                started=started,
+                attempt=attempt,
+                polls=polls + 1,
+                countdown=RetryPolicy.from_settings().delay(min(polls, 6)),
+            )
+            return {"job_id": msg.job_id, "status": "DEFERRED"}
+        finish(
+            msg,
+            "FAILED",
+            error=_error_text(e),
+            metrics_record=_metrics_record(msg, started, time.time() - started, attempt),
+        )
+        return {"job_id": msg.job_id, "status": "FAILED"}
+    if isinstance(out, Pending):
+        if time.time() - first_pending_at > settings.deferred_max_wait_s:
+            finish(
+                msg,
+                "FAILED",
+                error=f"deferred result not ready within {settings.deferred_max_wait_s:.0f}s",
+            )
+            return {"job_id": msg.job_id, "status": "FAILED"}
+        schedule_poll(
+            msg,
+            ticket,
+            first_pending_at=first_pending_at,
+            started=started,
+            attempt=attempt,
+            polls=polls + 1,
+        )
+        return {"job_id": msg.job_id, "status": "DEFERRED"}
+    finish(
+        msg,
+        "SUCCEEDED",
+        result=out,
+        metrics_record=_metrics_record(
+            msg, started, time.time() - first_pending_at, attempt, polls=polls + 1, deferred=True
+        ),
+    )
+    return {"job_id": msg.job_id, "status": "SUCCEEDED"}
+
+
+@app.task(name="synapse.outbox.flush", ignore_result=True)
+def flush_outbox() -> dict[str, int]:
+    return writeback().flush()
+
+
+@app.task(name="synapse.intake.poll", ignore_result=True)
+def intake_poll() -> int:
+    from worker.intake import Intake
+
+    return Intake.from_settings().poll_once()
+
+
+__all__ = ["BackendRejected", "flush_outbox", "intake_poll", "poll", "run"]
