@@ -69,39 +69,44 @@ _configured = False
 
 
 def configure_logging(fmt: str = "console", level: str = "INFO", *, force: bool = False) -> None:
-    """Configure structlog and the stdlib root logger once (idempotent unless forced)."""
+    """Configure structlog and the stdlib root logger once (idempotent unless forced).
+
+    Both structlog and stdlib records (celery, httpx, uvicorn) end in one handler, so
+    lines from many threads never interleave, and one chain redacts them all.
+    """
     global _configured
     if _configured and not force:
         return
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-        redact_processor,
-    ]
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
-    # Route stdlib logging (celery, httpx, uvicorn) through the same redaction.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processor=renderer,
             foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 # Render exc_info to text first, so the traceback is redacted too.
                 structlog.processors.format_exc_info,
                 redact_processor,
+                renderer,
             ],
         )
     )

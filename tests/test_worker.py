@@ -273,3 +273,128 @@ def test_logs_carry_job_id_and_never_a_token(admin: Any, worker_proc: WorkerProc
     for token in TOKENS.values():
         assert token not in text
     assert "eyJ" not in text
+
+
+def test_transient_errors_past_the_bound_fail_and_dead_letter(admin: Any) -> None:
+    from worker.message import DLQ
+    from worker.redis_conn import get_redis
+
+    gone = {"code": "no-such-plugin", "version": "0"}  # the proxy answers 404: transient
+    before = get_redis().llen(DLQ)
+    job_id = new_job(admin, release=gone)
+    send(job_id, release=gone)
+    job = wait_final(admin, job_id, timeout=90)
+    assert job["status"] == "FAILED"
+    assert "gave up after 5 attempts" in job["result"]["error"]
+    wait_for(lambda: get_redis().llen(DLQ) > before, what="dead letter")
+    letters = [json.loads(m) for m in get_redis().lrange(DLQ, 0, -1)]
+    mine = [m for m in letters if m["headers"]["kwargsrepr"].find(job_id) >= 0]
+    assert mine, "the job's message is in the dead-letter queue"
+    assert TOKENS["alice"] not in mine[0]["headers"]["kwargsrepr"]
+
+
+def test_metrics_endpoint_counts_jobs(admin: Any, worker_env: dict[str, str]) -> None:
+    import httpx
+
+    job_id = new_job(admin)
+    send(job_id)
+    wait_final(admin, job_id)
+    port = worker_env["SYNAPSE_BRIDGE_METRICS_PORT"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'synapse_jobs_total{outcome="succeeded"}' in text
+    assert "synapse_queue_depth" in text and "synapse_job_latency_seconds_bucket" in text
+
+
+def test_cli_submit_single_and_batch(admin: Any, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "SYNAPSE_ACCESS_TOKEN": TOKENS["alice"]}
+    base = [
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "submit",
+        "--model",
+        "12",
+        "--tenant",
+        "acme",
+        "--release-code",
+        "example-classifier",
+        "--release-version",
+        "1.0.0",
+    ]
+    out = subprocess.run(
+        [*base, "--json", json.dumps({"inputs": ROWS})],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    single = json.loads(out.stdout.strip().splitlines()[-1])["job_id"]
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps({"inputs": [r]}) for r in ROWS * 3) + "\n")
+    out = subprocess.run(
+        [*base, "--file", str(items)], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    batch = json.loads(out.stdout.strip().splitlines()[-1])["job_id"]
+    assert wait_final(admin, single)["result"]["predictions"] == ["setosa", "virginica"]
+    job = wait_final(admin, batch)
+    assert [r["predictions"][0] for r in job["result"]] == ["setosa", "virginica"] * 3
+    bad = subprocess.run(
+        [*base, "--json", "{not json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "--json is not JSON" in bad.stderr
+
+
+def test_deferred_job_does_not_hold_the_only_worker_slot(
+    admin: Any, worker_env: dict[str, str], redis_url: str, session_dir: Any
+) -> None:
+    # A worker with one slot, on its own broker database: while the slow job is pending
+    # on the replica, a quick job submitted after it runs and finishes first.
+    from tests.conftest import _reset_process_singletons
+
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    env = {**worker_env, "REDIS_URL": url, "SYNAPSE_BRIDGE_METRICS_PORT": "0"}
+    solo = WorkerProcess(env, session_dir / "worker-solo.log", concurrency=1).start()
+    saved = os.environ["REDIS_URL"]
+    os.environ["REDIS_URL"] = url
+    _reset_process_singletons()
+    try:
+        import importlib
+
+        import worker.app
+
+        importlib.reload(worker.app)  # the producer's app on the solo broker
+        import worker.tasks
+
+        importlib.reload(worker.tasks)
+        slow = new_job(admin, model=22, release=PROBE, body={"sleep_s": 4, "tag": "slow"})
+        send(slow, model=22, release=PROBE, body={"sleep_s": 4, "tag": "slow"})
+        wait_for(
+            lambda: any(w["body"].get("status") == "RUNNING" for w in admin.writes(slow)),
+            what="slow job running",
+        )
+        quick = new_job(admin)
+        send(quick)
+        quick_job = wait_final(admin, quick, timeout=30)
+        slow_job = admin.job(slow)
+        assert quick_job["status"] == "SUCCEEDED"
+        assert slow_job["status"] == "RUNNING"  # still pending on the replica
+        assert wait_final(admin, slow)["status"] == "SUCCEEDED"
+    finally:
+        solo.stop()
+        os.environ["REDIS_URL"] = saved
+        _reset_process_singletons()
+        importlib.reload(worker.app)
+        importlib.reload(worker.tasks)

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from config import get_settings
 from serve_runtime.client import default_client
@@ -224,8 +224,24 @@ def _is_transient(e: ServeError) -> bool:
     return e.transient or (isinstance(e, ServeServerError) and e.code is None)
 
 
-@app.task(name=TASK_NAME, bind=True, base=BridgeTask, acks_late=True)
+@app.task(name=TASK_NAME, bind=True, base=BridgeTask, acks_late=True, max_retries=None)
 def run(self: Task, *args: Any, job: Any = None, **unexpected: Any) -> dict[str, Any]:
+    """Run one job; an unexpected error is retried within the bound, never swallowed."""
+    try:
+        return _run(self, args, job, unexpected)
+    except (Retry, Ignore, Reject):
+        raise
+    except Exception as e:
+        log.exception("unexpected error in a job", error=_error_text(e))
+        try:
+            msg = parse_job(job)
+        except InvalidJob:
+            quarantine(job, f"unexpected error: {_error_text(e)}")
+            return {"job_id": readable_job_id(job), "status": "INVALID"}
+        return _retry_or_fail(self, msg, e, time.time(), self.request.retries + 1)
+
+
+def _run(self: Task, args: tuple[Any, ...], job: Any, unexpected: dict[str, Any]) -> dict[str, Any]:
     started = time.time()
     attempt = self.request.retries + 1
     _bind(readable_job_id(job), self)
@@ -324,7 +340,7 @@ def schedule_poll(
     )
 
 
-@app.task(name=POLL_TASK_NAME, bind=True, base=BridgeTask, acks_late=True)
+@app.task(name=POLL_TASK_NAME, bind=True, base=BridgeTask, acks_late=True, max_retries=None)
 def poll(
     self: Task,
     *,
