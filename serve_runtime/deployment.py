@@ -36,6 +36,7 @@ from serve_runtime.model_store import (
     LoadedModel,
     ModelAccessError,
     ModelStore,
+    identity,
 )
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
@@ -250,7 +251,8 @@ class BaseServeDeployment(BaseAction):
         entry = await self._store.acquire(info, claims.token, claims.tenant)
         return _Handle(self._store, entry)
 
-    def _claims(self) -> tuple[str, ModelClaims]:
+    def _claims(self) -> tuple[str | None, ModelClaims]:
+        """The caller's verified claims, and the model key of a model-affine call."""
         headers = _HEADERS.get() or {}
         mux_id = headers.get(MODEL_TOKEN_HEADER)
         if not mux_id:
@@ -264,7 +266,7 @@ class BaseServeDeployment(BaseAction):
             raise _http_error(400, "missing_model_header", f"missing {MODEL_TOKEN_HEADER} header")
         try:
             if looks_like_jwt(mux_id):  # compatible mode: the header is the SDK's JWT
-                return mux_id, decode_model_token(mux_id, self._signing_key)
+                return None, decode_model_token(mux_id, self._signing_key)
             key = ModelKey.parse(mux_id)
             token = headers.get(AFFINE_TOKEN_HEADER)
             if not token:
@@ -281,14 +283,22 @@ class BaseServeDeployment(BaseAction):
         return mux_id, claims
 
     async def _resolve(self) -> LoadedModel:
-        mux_id, claims = self._claims()
+        """Authorize the caller, then get the model through Ray's bounded multiplexed LRU.
+
+        The LRU is keyed by the model, never by the caller: in model-affine mode by the
+        header's key (what Ray routes on), in compatible mode by the model's identity,
+        so users of one model share one entry and the bound counts models.
+        """
+        affine_key, claims = self._claims()
         try:
             info = await self._store.authorize(claims.model, claims.token, claims.tenant)
         except ModelAccessError as e:
             raise _http_error(e.status, e.code, str(e), e.transient) from None
+        tenant, model_id, version, _ = identity(info)
+        lru_key = affine_key or str(ModelKey(tenant=tenant, model=model_id, version=version))
         reset = _LOAD_FOR.set((info, claims))
         try:
-            handle: _Handle = await self._load_handle_bounded(mux_id)
+            handle: _Handle = await self._load_handle_bounded(lru_key)
         except ModelAccessError as e:
             raise _http_error(e.status, e.code, str(e), e.transient) from None
         finally:

@@ -228,7 +228,17 @@ def submit(
 
 
 @main.command()
-@click.option("--calls", default=200, show_default=True, help="Warm infer_remote calls.")
+@click.option("--jobs", default=300, show_default=True, help="Single jobs to submit.")
+@click.option(
+    "--batch-items", default=200, show_default=True, help="Items of the one batch job (0: none)."
+)
+@click.option("--concurrency", default=16, show_default=True, help="Worker threads.")
+@click.option(
+    "--serve-calls",
+    default=100,
+    show_default=True,
+    help="Warm infer_remote calls measured before the jobs.",
+)
 @click.option(
     "--serve-port",
     default=8100,
@@ -239,13 +249,29 @@ def submit(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Keep the demo's files here (default: a temporary directory).",
+    help="Keep the demo's files (logs, backend DB) here; default: a temp dir.",
 )
-def demo(calls: int, serve_port: int, workdir: Path | None) -> None:
+def demo(
+    jobs: int,
+    batch_items: int,
+    concurrency: int,
+    serve_calls: int,
+    serve_port: int,
+    workdir: Path | None,
+) -> None:
     """Run the end-to-end demo on embedded defaults; stops all it starts."""
     from worker.demo import run_demo
 
-    sys.exit(run_demo(calls=calls, workdir=workdir, serve_port=serve_port))
+    sys.exit(
+        run_demo(
+            jobs=jobs,
+            batch_items=batch_items,
+            concurrency=concurrency,
+            serve_calls=serve_calls,
+            workdir=workdir,
+            serve_port=serve_port,
+        )
+    )
 
 
 if __name__ == "__main__":
