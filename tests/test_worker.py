@@ -398,3 +398,62 @@ def test_deferred_job_does_not_hold_the_only_worker_slot(
         _reset_process_singletons()
         importlib.reload(worker.app)
         importlib.reload(worker.tasks)
+
+
+RABBIT_URL = os.environ.get("SYNAPSE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _rabbit_reachable() -> bool:
+    from kombu import Connection
+
+    try:
+        with Connection(RABBIT_URL, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+        return True
+    except Exception:
+        return False
+
+
+def test_rabbitmq_broker_path(admin: Any, worker_env: dict[str, str], session_dir: Any) -> None:
+    if not _rabbit_reachable():
+        pytest.skip(f"no RabbitMQ at {RABBIT_URL} (set SYNAPSE_TEST_AMQP_URL)")
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**worker_env, "BROKER_URL": RABBIT_URL, "SYNAPSE_BRIDGE_METRICS_PORT": "0"}
+    rabbit_worker = WorkerProcess(env, session_dir / "worker-amqp.log", concurrency=4).start()
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "submit",
+                "--model",
+                "12",
+                "--tenant",
+                "acme",
+                "--release-code",
+                "example-classifier",
+                "--release-version",
+                "1.0.0",
+                "--json",
+                json.dumps({"inputs": ROWS}),
+            ],
+            env={**os.environ, **env, "SYNAPSE_ACCESS_TOKEN": TOKENS["alice"]},
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        job_id = json.loads(out.stdout.strip().splitlines()[-1])["job_id"]
+        job = wait_final(admin, job_id)
+        assert job["status"] == "SUCCEEDED"
+        assert job["result"]["predictions"] == ["setosa", "virginica"]
+        assert len(final_writes(admin, job_id)) == 1
+        assert job_id in rabbit_worker.log_path.read_text()  # run by the AMQP worker
+    finally:
+        rabbit_worker.stop()
