@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import structlog
 from fastapi import FastAPI, HTTPException
 
-from config import get_settings, resolve_route_prefix
+from config import configure_logging, get_settings, resolve_route_prefix
 from serve_runtime.action import BaseAction
 from serve_runtime.deferred import DeferredResults
 from serve_runtime.model_store import (
@@ -127,6 +127,7 @@ class BaseServeDeployment(BaseAction):
 
     def __init__(self, backend_url: str) -> None:
         settings = get_settings()
+        configure_logging(settings.log_format, settings.log_level)  # redaction in replicas too
         self.backend_url = backend_url
         self._signing_key = (
             settings.signing_key.get_secret_value() if settings.signing_key else backend_url

@@ -137,9 +137,11 @@ def worker(
     from worker.app import app
 
     settings = get_settings()
+    # Celery reads "prefork" as "the default" and would use the app's worker_pool
+    # (threads); "processes" names the prefork pool unambiguously.
     argv = [
         "worker",
-        f"--pool={pool}",
+        f"--pool={'processes' if pool == 'prefork' else pool}",
         f"--queues={queues}",
         f"--loglevel={loglevel}",
         f"--concurrency={concurrency or settings.worker_concurrency}",
