@@ -367,6 +367,14 @@ def create_app(
             raise _error(404, "Not found.")
         return db.job_writes(job_id)
 
+    @app.post("/_admin/writes/summary/")
+    def admin_write_summary(
+        request: Request, job_ids: list[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Status, PATCH count and final-write count per job (all jobs, or those listed)."""
+        require_admin(request)
+        return db.write_summary(job_ids)
+
     @app.get("/_admin/logs/")
     def admin_logs(request: Request, job: str | None = None) -> list[dict[str, Any]]:
         require_admin(request)

@@ -73,6 +73,10 @@ class AdminClient:
         """The job's write log: ``[{"seq", "time", "body", "status"}]``, oldest first."""
         return self._call("GET", f"_admin/jobs/{job_id}/writes/")
 
+    def write_summary(self, job_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """``{job_id: {"status", "writes", "final_writes"}}`` for the jobs listed (or all)."""
+        return self._call("POST", "_admin/writes/summary/", json=job_ids)
+
     def logs(self, job_id: str | None = None) -> list[dict[str, Any]]:
         params = {"job": job_id} if job_id is not None else {}
         return self._call("GET", "_admin/logs/", params=params)

@@ -417,6 +417,30 @@ class Database:
             for r in rows
         ]
 
+    def write_summary(self, job_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Per job: its status, how many PATCHes it had, and how many set a final status."""
+        query = (
+            "SELECT j.id AS id, j.status AS status, COUNT(w.seq) AS writes, "
+            "SUM(CASE WHEN json_extract(w.body, '$.status') IN ('SUCCEEDED','FAILED','STOPPED')"
+            " THEN 1 ELSE 0 END) AS final_writes "
+            "FROM jobs j LEFT JOIN job_writes w ON w.job_id = j.id"
+        )
+        params: list[Any] = []
+        if job_ids is not None:
+            query += f" WHERE j.id IN ({','.join('?' * len(job_ids))})"
+            params = list(job_ids)
+        query += " GROUP BY j.id"
+        with self._lock:
+            rows = self._conn.execute(query, params).fetchall() if job_ids != [] else []
+        return {
+            r["id"]: {
+                "status": r["status"],
+                "writes": r["writes"],
+                "final_writes": r["final_writes"] or 0,
+            }
+            for r in rows
+        }
+
     # -- logs -------------------------------------------------------------------------
 
     def add_logs(self, entries: list[dict[str, Any]], user: str | None) -> None:

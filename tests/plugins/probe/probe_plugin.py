@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from serve_runtime import BaseServeDeployment, BatchItem, deferrable
 
@@ -43,6 +43,13 @@ class ProbeDeployment(BaseServeDeployment):
     @app.post("/")
     @deferrable
     async def infer(self, body: dict) -> Any:
+        # Misbehaviours on request, for the bad-input corpus.
+        if body.get("respond") == "invalid_json":
+            return Response(b"{not json", media_type="application/json")
+        if body.get("respond") == "bad_envelope":
+            return {"__synapse_deferred__": True, "status": "exploded"}
+        if body.get("respond") == "http_500":
+            raise RuntimeError("probe asked for a bare 500")
         return await self.predict(body)
 
     async def infer_batch(self, requests: list[BatchItem]) -> list[Any]:

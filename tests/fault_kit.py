@@ -1,0 +1,174 @@
+"""Tools for the fault, load and bad-input scenarios: jobs, a producer, counting.
+
+Each scenario submits real jobs through a real broker to real worker processes,
+injects its faults into real processes, and counts from the backend's write log:
+submitted, succeeded, failed, lost (never final), written twice (more than one final
+write). Counts are appended to ``$SYNAPSE_RELIABILITY_OUT`` (default
+``tests/.reliability/results.jsonl``); ``python -m tests.reliability_report``
+renders docs/reliability.md from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT, TOKENS
+
+RELEASE = {"code": "example-classifier", "version": "1.0.0"}
+ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
+EXPECTED = ["setosa", "virginica", "versicolor"]
+OUT = Path(os.environ.get("SYNAPSE_RELIABILITY_OUT", ROOT / "tests" / ".reliability" / "results.jsonl"))
+
+# (user, model, tenant): users allowed on their model
+PAIRS = [("alice", 12, "acme"), ("bob", 14, "acme"), ("alice", 15, "acme"), ("eve", 16, "globex")]
+
+# Settings of fault-scenario workers: retries that outlast a 20 s outage, redelivery
+# (visibility timeout) within the test's patience, fast flushing.
+FAULT_WORKER_ENV = {
+    "SYNAPSE_BRIDGE_RETRY_MAX": "10",
+    "SYNAPSE_BRIDGE_RETRY_BASE": "1",
+    "SYNAPSE_BRIDGE_RETRY_CAP": "8",
+    "SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT": "25",
+    "SYNAPSE_BRIDGE_TASK_SOFT_TIME_LIMIT": "15",
+    "SYNAPSE_BRIDGE_TASK_TIME_LIMIT": "20",
+    "SYNAPSE_BRIDGE_OUTBOX_FLUSH_INTERVAL": "0.5",
+    "SYNAPSE_BRIDGE_METRICS_PORT": "0",
+    "SYNAPSE_BRIDGE_LOG_LEVEL": "WARNING",
+}
+
+
+@dataclass
+class Job:
+    job_id: str
+    message: dict[str, Any]
+    expected: str
+
+
+def make_jobs(admin: Any, n: int, *, tag: str) -> list[Job]:
+    """``n`` single jobs over four models, two tenants and three users, created PENDING."""
+    jobs = []
+    for i in range(n):
+        user, model, tenant = PAIRS[i % len(PAIRS)]
+        job_id = f"{tag}-{i:05d}-{uuid.uuid4().hex[:8]}"
+        body = {"inputs": [ROWS[i % 3]]}
+        jobs.append(Job(job_id, {
+            "job_id": job_id, "tenant": tenant, "token": TOKENS[user], "model": model,
+            "json": body, "release": RELEASE, "submitted_at": time.time(),
+        }, EXPECTED[i % 3]))
+    for start in range(0, n, 500):
+        admin.create_jobs([
+            {"id": j.job_id, "tenant": j.message["tenant"], "plugin_release": RELEASE,
+             "params": {"model": j.message["model"], "json": j.message["json"]}}
+            for j in jobs[start:start + 500]
+        ])
+    return jobs
+
+
+class Producer:
+    """Sends task messages to a given broker, as ``worker.submit`` would."""
+
+    def __init__(self, broker_url: str, redis_url: str) -> None:
+        from config import load_settings
+        from worker.app import create_app
+
+        self.app = create_app(load_settings(broker_url=broker_url, redis_url=redis_url))
+
+    def send(self, jobs: list[Job]) -> None:
+        from worker.message import TASK_NAME
+        from worker.tasks import safe_kwargsrepr
+
+        with self.app.producer_or_acquire() as producer:
+            for j in jobs:
+                kwargs = {"job": j.message}
+                self.app.send_task(TASK_NAME, kwargs=kwargs, producer=producer,
+                                   kwargsrepr=safe_kwargsrepr(kwargs), argsrepr="()")
+
+    def send_raw(self, body: bytes, *, content_type: str, headers: dict[str, Any],
+                 content_encoding: str = "utf-8") -> None:
+        from worker.message import QUEUE
+
+        with self.app.producer_or_acquire() as producer:
+            producer.publish(body, routing_key=QUEUE, exchange=QUEUE, headers=headers,
+                             content_type=content_type, content_encoding=content_encoding)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+@dataclass
+class Counts:
+    submitted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    lost: int = 0
+    written_twice: int = 0
+    wrong_result: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def count(admin: Any, jobs: list[Job]) -> Counts:
+    summary = admin.write_summary([j.job_id for j in jobs])
+    c = Counts(submitted=len(jobs))
+    for j in jobs:
+        s = summary.get(j.job_id, {"status": "MISSING", "final_writes": 0})
+        if s["status"] == "SUCCEEDED":
+            c.succeeded += 1
+        elif s["status"] == "FAILED":
+            c.failed += 1
+            if len(c.failures) < 5:
+                c.failures.append(str((admin.job(j.job_id).get("result") or {}))[:300])
+        else:
+            c.lost += 1
+        if s["final_writes"] > 1:
+            c.written_twice += 1
+    return c
+
+
+def check_results(admin: Any, jobs: list[Job], sample: int = 50) -> int:
+    """Wrong predictions among a sample of succeeded jobs (the result is the real one)."""
+    wrong = 0
+    for j in jobs[:: max(1, len(jobs) // sample)]:
+        job = admin.job(j.job_id)
+        if job["status"] == "SUCCEEDED" and job["result"]["predictions"] != [j.expected]:
+            wrong += 1
+    return wrong
+
+
+def wait_all_final(admin: Any, jobs: list[Job], timeout: float,
+                   on_progress: Callable[[int], None] | None = None) -> Counts:
+    deadline = time.monotonic() + timeout
+    while True:
+        c = count(admin, jobs)
+        if on_progress:
+            on_progress(c.succeeded + c.failed)
+        if c.lost == 0 or time.monotonic() > deadline:
+            return c
+        time.sleep(0.5)
+
+
+def wait_fraction_final(admin: Any, jobs: list[Job], fraction: float, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        c = count(admin, jobs)
+        if c.succeeded + c.failed >= fraction * len(jobs):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {c.succeeded + c.failed} of {len(jobs)} final")
+        time.sleep(0.2)
+
+
+def record(scenario: str, *, load: str, faults: str, counts: Counts, rests_on: str,
+           elapsed_s: float, extra: dict[str, Any] | None = None) -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    row = {"scenario": scenario, "load": load, "faults": faults, "rests_on": rests_on,
+           "elapsed_s": round(elapsed_s, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+           **{k: v for k, v in asdict(counts).items() if k != "failures"}, **(extra or {})}
+    with OUT.open("a") as f:
+        f.write(json.dumps(row) + "\n")
