@@ -122,6 +122,20 @@ def cpu_ticks(pid: int) -> int:
     return 0
 
 
+def cpu_ticks_with_reaped(pid: int) -> int:
+    """utime + stime + cutime + cstime: ``pid`` and its children that have exited."""
+    with suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15])
+    return 0
+
+
+def own_tree_ticks() -> int:
+    """CPU of this benchmark: this process and all it started (backend, Ray, Redis, the
+    worker, the producers), so the machine's other load is what is left."""
+    return sum(cpu_ticks_with_reaped(p) for p in process_tree(os.getpid()))
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot."""
     with open("/proc/stat") as f:
@@ -177,10 +191,16 @@ class TreeSampler(threading.Thread):
 
 
 def produce(spec_path: Path) -> None:
-    """Send the jobs listed in ``spec_path``; print one JSON line with timings."""
+    """Send the jobs listed in ``spec_path`` once told to; print JSON timings.
+
+    Prints ``ready`` after the imports and waits for a line on stdin, so the import's
+    CPU falls outside the measured window.
+    """
     jobs = json.loads(spec_path.read_text())
     from worker.submit import submit
 
+    print("ready", flush=True)
+    sys.stdin.readline()
     t0 = time.time()
     for job in jobs:
         submit(
@@ -221,33 +241,67 @@ def job_specs(prefix: str, n: int, tokens: dict[str, str]) -> list[dict[str, Any
     return out
 
 
-def create_and_send(env: Env, prefix: str, n: int, redis_url: str) -> dict[str, Any]:
-    specs = job_specs(prefix, n, env.tokens)
-    env.admin.create_jobs(
-        [
-            {
-                "id": s["id"],
-                "tenant": s["tenant"],
-                "plugin_release": RELEASE,
-                "params": {"model": s["model"], "json": BODY},
-            }
-            for s in specs
-        ]
-    )
-    spec_path = env.workdir / f"{prefix}.jobs.json"
-    spec_path.write_text(json.dumps([{**s, "token": env.tokens[s["tenant"]]} for s in specs]))
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--produce", str(spec_path)],
-        env={**env.base_env, "REDIS_URL": redis_url},
-        cwd=str(ROOT),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    spec_path.unlink()
-    if out.returncode != 0:
-        raise RuntimeError(f"producer failed: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Producer:
+    """Creates the jobs on the backend and sends them from a subprocess, on ``go()``."""
+
+    def __init__(self, env: Env, prefix: str, n: int, redis_url: str) -> None:
+        specs = job_specs(prefix, n, env.tokens)
+        env.admin.create_jobs(
+            [
+                {
+                    "id": s["id"],
+                    "tenant": s["tenant"],
+                    "plugin_release": RELEASE,
+                    "params": {"model": s["model"], "json": BODY},
+                }
+                for s in specs
+            ]
+        )
+        self.spec_path = env.workdir / f"{prefix}.jobs.json"
+        self.spec_path.write_text(
+            json.dumps([{**s, "token": env.tokens[s["tenant"]]} for s in specs])
+        )
+        self.err_path = env.workdir / f"{prefix}.producer.log"
+        with self.err_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--produce", str(self.spec_path)],
+                env={**env.base_env, "REDIS_URL": redis_url},
+                cwd=str(ROOT),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            self.proc.wait(10)
+            raise RuntimeError(f"producer failed: {self.err_path.read_text()[-3000:]}")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.spec_path.unlink(missing_ok=True)
+
+    def finish(self, timeout: float = 120) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        try:
+            out = self.proc.stdout.read()
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.spec_path.unlink(missing_ok=True)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"producer failed: {self.err_path.read_text()[-3000:]}")
+        return json.loads(out.strip().splitlines()[-1])
 
 
 def wait_succeeded(
@@ -328,11 +382,15 @@ def run_config(env: Env, pool: str, concurrency: int, n: int, warmup: int, tag: 
         )
     sampler = TreeSampler(proc.pid)
     sampler.start()
+    producers: list[Producer] = []
     try:
         before = env.admin.stats()["jobs"].get("SUCCEEDED", 0)
         # Warm-up: readiness (the first job done means the worker consumes), the
         # worker's pooled connections, and, for prefork, the children's clients.
-        create_and_send(env, f"{tag}-warm", warmup, redis.url)
+        warm = Producer(env, f"{tag}-warm", warmup, redis.url)
+        producers.append(warm)
+        warm.go()
+        warm.finish()
         wait_succeeded(env, before + warmup, proc, log, timeout=120)
         ready_s = time.monotonic() - t_start
         effective = effective_pool(log)
@@ -341,13 +399,18 @@ def run_config(env: Env, pool: str, concurrency: int, n: int, warmup: int, tag: 
                 f"asked for {pool}, the worker runs {effective!r} (see its banner in {log})"
             )
         time.sleep(0.5)  # let the warm-up's final writes settle
+        producer = Producer(env, f"{tag}-run", n, redis.url)  # imported, waiting
+        producers.append(producer)
         sampler.sample()
         ticks_before = dict(sampler.ticks)
         busy0, total0 = machine_ticks()
         backend0 = tree_ticks(env.backend_pid)
+        own0 = own_tree_ticks()
 
-        sent = create_and_send(env, f"{tag}-run", n, redis.url)
+        producer.go()
         wait_succeeded(env, before + warmup + n, proc, log, timeout=300)
+        sent = producer.finish()
+        own1 = own_tree_ticks()
         busy1, total1 = machine_ticks()
         backend_cpu_s = (tree_ticks(env.backend_pid) - backend0) / CLK_TCK
         sampler.sample()
@@ -359,6 +422,8 @@ def run_config(env: Env, pool: str, concurrency: int, n: int, warmup: int, tag: 
         try:
             stop_s = stop_worker(proc)
         finally:
+            for p in producers:
+                p.kill()
             sampler.stop()
             redis.close()
 
@@ -407,13 +472,25 @@ def run_config(env: Env, pool: str, concurrency: int, n: int, warmup: int, tag: 
         "pss_after_run_mb": round(pss / 1024, 1),
         "worker_cpu_s_run": round(cpu_run_s, 2),
         "worker_cpu_ms_per_job": round(cpu_run_s / n * 1000, 2),
+        # All the CPU this benchmark's processes spent per job (worker, backend, Ray
+        # Serve, Redis, producer): the cost of a job, unlike jobs/s, barely moved by
+        # other load on the machine.
+        "stack_cpu_ms_per_job": round((own1 - own0) / CLK_TCK / n * 1000, 2),
         "machine_busy_during_run": round((busy1 - busy0) / max(1, total1 - total0), 3),
+        # The share of all CPUs that processes outside this benchmark used meanwhile
+        # (other work on a shared machine): a run with much of it is slowed from outside.
+        "other_load_during_run": round(
+            max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0), 3
+        ),
         # Where the CPU went during the burst, per job: the worker, the local backend,
         # and everything else (Ray Serve proxy and replica, Redis, the producer).
         "cpu_ms_per_job": {
             "worker": round(cpu_run_s / n * 1000, 2),
             "backend": round(backend_cpu_s / n * 1000, 2),
             "rest": round(((busy1 - busy0) / CLK_TCK - cpu_run_s - backend_cpu_s) / n * 1000, 2),
+            "of_which_other_load": round(
+                max(0, (busy1 - busy0) - (own1 - own0)) / CLK_TCK / n * 1000, 2
+            ),
         },
         "worker_banner_pool": effective,
         "worker_command": " ".join(["python", *cmd[1:]]),
@@ -497,10 +574,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "pss_after_run_mb": max(r["pss_after_run_mb"] for r in runs),
             "rss_after_run_mb": max(r["rss_after_run_mb"] for r in runs),
             "worker_cpu_ms_per_job": mean(lambda r: r["worker_cpu_ms_per_job"], 2),
+            "stack_cpu_ms_per_job": mean(lambda r: r["stack_cpu_ms_per_job"], 2),
             "cpu_ms_per_job": {
                 k: mean(lambda r, k=k: r["cpu_ms_per_job"][k], 2) for k in runs[0]["cpu_ms_per_job"]
             },
             "machine_busy_during_run": mean(lambda r: r["machine_busy_during_run"], 3),
+            "other_load_during_run": mean(lambda r: r["other_load_during_run"], 3),
+            "other_load_all": [r["other_load_during_run"] for r in runs],
             "jobs_per_s_all": [r["jobs_per_s"] for r in runs],
             "p50_ms_all": [r["latency_ms"]["p50"] for r in runs],
             "p99_ms_all": [r["latency_ms"]["p99"] for r in runs],
@@ -534,8 +614,8 @@ def write_report(result: dict[str, Any]) -> None:
         "(submit to final write), so under a burst it is mostly queue wait.",
         "",
         "| pool | concurrency | jobs/s | p50 ms | p99 ms | peak RSS MB | PSS MB | "
-        "service p50 ms | worker CPU ms/job | machine busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "service p50 ms | worker CPU ms/job | stack CPU ms/job | machine busy | other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spread = ""
@@ -546,7 +626,10 @@ def write_report(result: dict[str, Any]) -> None:
             f"{r['latency_ms']['p50']:.0f} | {r['latency_ms']['p99']:.0f} | "
             f"{r['peak_rss_mb']:.0f} | {r['pss_after_run_mb']:.0f} | "
             f"{r['service_ms']['p50']:.1f} | {r['worker_cpu_ms_per_job']:.1f} | "
-            f"{r['machine_busy_during_run'] * 100:.0f}% |"
+            f"{r['stack_cpu_ms_per_job']:.1f} | "
+            f"{r['machine_busy_during_run'] * 100:.0f}% | "
+            + "/".join(f"{x * 100:.0f}%" for x in r["other_load_all"])
+            + " |"
         )
     lines += [""]
     for note in result["notes"]:
@@ -559,7 +642,11 @@ def write_report(result: dict[str, Any]) -> None:
         "*service* is started to final write of one job (a slot's busy time: a backend "
         "GET, a RUNNING PATCH, the serve call, the final PATCH). *machine busy* is the "
         "share of all CPUs busy during the burst (backend, Ray Serve, Redis, the worker "
-        "and the producer all share this machine).",
+        "and the producer all share this machine); *stack CPU* is the CPU all the "
+        "processes this benchmark started spent per job (the job's cost, which sets the "
+        "ceiling on a CPU-bound machine); *other load* is the share taken by "
+        "processes this benchmark did not start, per run (on a shared machine it slows "
+        "the runs it falls on).",
         "",
         "## Conclusion",
         "",
@@ -599,16 +686,21 @@ def conclusion(rows: list[dict[str, Any]], cores: int) -> str:
     cpu = {
         k: statistics.fmean(r["cpu_ms_per_job"][k] for r in rows) for k in rows[0]["cpu_ms_per_job"]
     }
+    own = statistics.fmean(r["stack_cpu_ms_per_job"] for r in rows)
+    serving = own - cpu["worker"] - cpu["backend"]
+    cheap = min(rows, key=lambda r: r["stack_cpu_ms_per_job"])
+    dear = max(rows, key=lambda r: r["stack_cpu_ms_per_job"])
     if busy >= 0.80:
-        total = sum(cpu.values())
         parts.append(
-            f"The bursts kept the CPUs {busy * 100:.0f}% busy on average. Per job the worker "
-            f"spent {cpu['worker']:.0f} ms of CPU, the local backend {cpu['backend']:.0f} ms "
-            f"and everything else (Ray Serve's proxy and replica, Redis, the producer, any "
-            f"other load on the machine) {cpu['rest']:.0f} ms: {total:.0f} ms in all, which "
-            f"caps this machine near {cores * 1000 / total:.0f} jobs/s whatever the pool. "
-            "The ceiling is the shared CPU, not the worker's pool, so beyond a few slots "
-            "more concurrency only stretches each job's service time"
+            f"The bursts kept the CPUs {busy * 100:.0f}% busy on average. A job cost the "
+            f"benchmark's processes {own:.0f} ms of CPU on average (from "
+            f"{cheap['stack_cpu_ms_per_job']:.0f} ms with {_label(cheap)} to "
+            f"{dear['stack_cpu_ms_per_job']:.0f} ms with {_label(dear)}): the worker "
+            f"{cpu['worker']:.0f} ms, the local backend {cpu['backend']:.0f} ms, Ray Serve's "
+            f"proxy and replica with Redis and the producer {serving:.0f} ms. That caps "
+            f"{cores} cores near {cores * 1000 / own:.0f} jobs/s whatever the pool: the "
+            "ceiling is the shared CPU, mostly the serving side's, not the worker's pool, "
+            "so beyond a few slots more concurrency only stretches each job's service time"
         )
         by_c = sorted((r for r in rows if r["pool"] == "threads"), key=lambda r: r["concurrency"])
         if len(by_c) > 1:
@@ -618,6 +710,12 @@ def conclusion(rows: list[dict[str, Any]], cores: int) -> str:
                 f"{hi['service_ms']['p50']:.0f} ms at -c {hi['concurrency']})"
             )
         parts[-1] += "."
+    other_max = max(max(r["other_load_all"]) for r in rows)
+    if other_max > 0.05:
+        parts.append(
+            f"Other work on this shared machine took up to {other_max * 100:.0f}% of the CPU "
+            "during some runs (column *other load*), which accounts for part of the spread."
+        )
     parts.append(
         "Latency is measured from submit under a burst, so p50 and p99 are mostly queue "
         "wait and follow jobs/s."
@@ -644,28 +742,28 @@ def conclusion(rows: list[dict[str, Any]], cores: int) -> str:
         ]
         behind = [r for r in rows if r not in tied]
 
-        def why(r: dict[str, Any]) -> str:
-            if r["machine_busy_during_run"] < busy - 0.05:
-                return (
-                    f", CPUs only {r['machine_busy_during_run'] * 100:.0f}% busy: "
-                    "too few slots to keep the serving side fed"
-                )
-            return ""
-
         if len(tied) > 1:
             parts.append(
                 f"{_label(best)} has the highest mean, but "
                 + ", ".join(_label(r) for r in tied if r is not best)
-                + f" are within {tol * 100:.0f}% of it, i.e. tied within the noise"
+                + (" is" if len(tied) == 2 else " are")
+                + f" within {tol * 100:.0f}% of it, i.e. tied within the noise"
                 + (
                     "; behind: "
-                    + "; ".join(
-                        f"{_label(r)} ({r['jobs_per_s']:.1f} jobs/s{why(r)})" for r in behind
-                    )
+                    + "; ".join(f"{_label(r)} ({r['jobs_per_s']:.1f} jobs/s)" for r in behind)
                     + "."
                     if behind
                     else "."
                 )
+            )
+        idle = [r for r in rows if r["machine_busy_during_run"] < busy - 0.05]
+        if idle:
+            parts.append(
+                ", ".join(
+                    f"{_label(r)} kept the CPUs only {r['machine_busy_during_run'] * 100:.0f}% busy"
+                    for r in idle
+                )
+                + f" (mean {busy * 100:.0f}%): too few slots to keep the serving side fed."
             )
         if small or (noise is not None and bt in tied):
             parts.append(

@@ -234,19 +234,18 @@ class WorkerProcess:
         import sys
 
         log = self.log_path.open("ab")
+        ready = self.log_path.with_suffix(".ready")
+        ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker", "-c", str(self.concurrency)],
-            env=self.env,
+            env={**self.env, "SYNAPSE_BRIDGE_READY_FILE": str(ready)},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=str(ROOT),
         )
         wait_for(
-            lambda: (
-                "worker ready" in self.log_path.read_text(errors="replace")
-                or self.proc.poll() is not None
-            ),
-            timeout=60,
+            lambda: ready.exists() or self.proc.poll() is not None,
+            timeout=90,
             what="worker ready",
         )
         assert self.proc.poll() is None, self.log_path.read_text()[-3000:]

@@ -24,7 +24,9 @@ from tests.conftest import ROOT, TOKENS
 RELEASE = {"code": "example-classifier", "version": "1.0.0"}
 ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
 EXPECTED = ["setosa", "virginica", "versicolor"]
-OUT = Path(os.environ.get("SYNAPSE_RELIABILITY_OUT", ROOT / "tests" / ".reliability" / "results.jsonl"))
+OUT = Path(
+    os.environ.get("SYNAPSE_RELIABILITY_OUT", ROOT / "tests" / ".reliability" / "results.jsonl")
+)
 
 # (user, model, tenant): users allowed on their model
 PAIRS = [("alice", 12, "acme"), ("bob", 14, "acme"), ("alice", 15, "acme"), ("eve", 16, "globex")]
@@ -58,16 +60,33 @@ def make_jobs(admin: Any, n: int, *, tag: str) -> list[Job]:
         user, model, tenant = PAIRS[i % len(PAIRS)]
         job_id = f"{tag}-{i:05d}-{uuid.uuid4().hex[:8]}"
         body = {"inputs": [ROWS[i % 3]]}
-        jobs.append(Job(job_id, {
-            "job_id": job_id, "tenant": tenant, "token": TOKENS[user], "model": model,
-            "json": body, "release": RELEASE, "submitted_at": time.time(),
-        }, EXPECTED[i % 3]))
+        jobs.append(
+            Job(
+                job_id,
+                {
+                    "job_id": job_id,
+                    "tenant": tenant,
+                    "token": TOKENS[user],
+                    "model": model,
+                    "json": body,
+                    "release": RELEASE,
+                    "submitted_at": time.time(),
+                },
+                EXPECTED[i % 3],
+            )
+        )
     for start in range(0, n, 500):
-        admin.create_jobs([
-            {"id": j.job_id, "tenant": j.message["tenant"], "plugin_release": RELEASE,
-             "params": {"model": j.message["model"], "json": j.message["json"]}}
-            for j in jobs[start:start + 500]
-        ])
+        admin.create_jobs(
+            [
+                {
+                    "id": j.job_id,
+                    "tenant": j.message["tenant"],
+                    "plugin_release": RELEASE,
+                    "params": {"model": j.message["model"], "json": j.message["json"]},
+                }
+                for j in jobs[start : start + 500]
+            ]
+        )
     return jobs
 
 
@@ -87,19 +106,37 @@ class Producer:
         with self.app.producer_or_acquire() as producer:
             for j in jobs:
                 kwargs = {"job": j.message}
-                self.app.send_task(TASK_NAME, kwargs=kwargs, producer=producer,
-                                   kwargsrepr=safe_kwargsrepr(kwargs), argsrepr="()")
+                self.app.send_task(
+                    TASK_NAME,
+                    kwargs=kwargs,
+                    producer=producer,
+                    kwargsrepr=safe_kwargsrepr(kwargs),
+                    argsrepr="()",
+                )
 
-    def send_raw(self, body: bytes, *, content_type: str, headers: dict[str, Any],
-                 content_encoding: str = "utf-8") -> None:
+    def send_raw(
+        self,
+        body: bytes,
+        *,
+        content_type: str,
+        headers: dict[str, Any],
+        content_encoding: str = "utf-8",
+    ) -> None:
         from worker.message import QUEUE
 
         with self.app.producer_or_acquire() as producer:
-            producer.publish(body, routing_key=QUEUE, exchange=QUEUE, headers=headers,
-                             content_type=content_type, content_encoding=content_encoding)
+            producer.publish(
+                body,
+                routing_key=QUEUE,
+                exchange=QUEUE,
+                headers=headers,
+                content_type=content_type,
+                content_encoding=content_encoding,
+            )
 
     def close(self) -> None:
         self.app.close()
+        self.redis.close()
 
 
 @dataclass
@@ -123,7 +160,7 @@ def count(admin: Any, jobs: list[Job]) -> Counts:
         elif s["status"] == "FAILED":
             c.failed += 1
             if len(c.failures) < 5:
-                c.failures.append(str((admin.job(j.job_id).get("result") or {}))[:300])
+                c.failures.append(str(admin.job(j.job_id).get("result") or {})[:300])
         else:
             c.lost += 1
         if s["final_writes"] > 1:
@@ -141,8 +178,9 @@ def check_results(admin: Any, jobs: list[Job], sample: int = 50) -> int:
     return wrong
 
 
-def wait_all_final(admin: Any, jobs: list[Job], timeout: float,
-                   on_progress: Callable[[int], None] | None = None) -> Counts:
+def wait_all_final(
+    admin: Any, jobs: list[Job], timeout: float, on_progress: Callable[[int], None] | None = None
+) -> Counts:
     deadline = time.monotonic() + timeout
     while True:
         c = count(admin, jobs)
@@ -164,11 +202,26 @@ def wait_fraction_final(admin: Any, jobs: list[Job], fraction: float, timeout: f
         time.sleep(0.2)
 
 
-def record(scenario: str, *, load: str, faults: str, counts: Counts, rests_on: str,
-           elapsed_s: float, extra: dict[str, Any] | None = None) -> None:
+def record(
+    scenario: str,
+    *,
+    load: str,
+    faults: str,
+    counts: Counts,
+    rests_on: str,
+    elapsed_s: float,
+    extra: dict[str, Any] | None = None,
+) -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    row = {"scenario": scenario, "load": load, "faults": faults, "rests_on": rests_on,
-           "elapsed_s": round(elapsed_s, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S"),
-           **{k: v for k, v in asdict(counts).items() if k != "failures"}, **(extra or {})}
+    row = {
+        "scenario": scenario,
+        "load": load,
+        "faults": faults,
+        "rests_on": rests_on,
+        "elapsed_s": round(elapsed_s, 1),
+        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **{k: v for k, v in asdict(counts).items() if k != "failures"},
+        **(extra or {}),
+    }
     with OUT.open("a") as f:
         f.write(json.dumps(row) + "\n")

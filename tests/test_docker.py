@@ -461,7 +461,9 @@ def check_script(path: str, args: list[str], where: str, out: Problems) -> None:
             r"\$\{?([a-z_][a-z0-9_]*)\}?", lambda m: literals.get(m.group(1), m.group(0)), raw
         )
         for program in ("synapse-bridge", "python", "ray"):
-            m = re.search(rf"(?:^|[\s;&|(])((?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:exec\s+)?{program}\s.*)", line)
+            m = re.search(
+                rf"(?:^|[\s;&|(])((?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:exec\s+)?{program}\s.*)", line
+            )
             if m and not line.lstrip().startswith("#"):
                 lexer = shlex.shlex(m.group(1), posix=True, punctuation_chars=";&|<>")
                 lexer.whitespace_split = True
@@ -470,7 +472,7 @@ def check_script(path: str, args: list[str], where: str, out: Problems) -> None:
                     if tok in {";", "&&", "||", "|", "&", ">", ">>", "<"}:
                         break
                     argv.append(tok)
-                check_argv(argv, f"{where} {path}:{n}", out)
+                check_argv(argv, f"{where} {path} (logical line {n})", out)
     if args and re.search(r'exec "\$@"\s*$', text):
         check_argv(args, f"{where} (exec'd by {path})", out)
 
@@ -774,7 +776,9 @@ def test_compose_demo_matches_the_demo_seed(compose: dict[str, Any]) -> None:
         assert users[name]["token"] == token and users[name]["tenants"] == tenants
     assert users["bridge"] == {"name": "bridge", "token": SERVICE_TOKEN, "service": True}
     assert {m["id"]: m["tenant"] for m in raw["models"]} == DEMO_MODELS
-    archives = re.findall(r'"(/tmp/[^"]+)/model-\$id\.tar\.gz"', (DEMO / "make-models.sh").read_text())
+    archives = re.findall(
+        r'"(/tmp/[^"]+)/model-\$id\.tar\.gz"', (DEMO / "make-models.sh").read_text()
+    )
     for m in raw["models"]:
         assert str(m["archive"]) == f"{archives[0]}/model-{m['id']}.tar.gz"
     assert len(spec.models) == len(DEMO_MODELS)
@@ -915,6 +919,7 @@ def test_rayservice_serves_the_example_plugin(monkeypatch: pytest.MonkeyPatch) -
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setenv("SYNAPSE_HOST", "http://backend.test:8010")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # discovery may prepend the plugin
     get_settings.cache_clear()
     try:
         args = {**app["args"], "plugin_dir": str(plugin)}

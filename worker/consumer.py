@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from celery.worker.consumer import Consumer
 from kombu import Queue
+from kombu.exceptions import ContentDisallowed
 
 from worker.message import INVALID_QUEUE, readable_job_id
 
@@ -75,7 +76,58 @@ def _fail_job(message: Any, reason: str) -> None:
         log.warning("could not mark the invalid job FAILED", job_id=job_id, error=type(e).__name__)
 
 
+def _task_body_problem(message: Any) -> str | None:
+    """Why a message with Celery task headers cannot be a task, or None when it can.
+
+    Checked before Celery's own handler sees it: an empty body or a body that is not
+    ``[args, kwargs, embed]`` would otherwise raise inside the consumer loop, and an
+    error there stops the whole worker ("Unrecoverable error"), then the message is
+    restored and the next worker dies on it too.
+    """
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return None  # Celery's paths for protocol 1 and non-task messages apply
+    try:
+        body = message.decode()  # cached: Celery's handler reuses it
+    except ContentDisallowed:
+        return f"content type {message.content_type!r} refused (JSON only)"
+    except Exception as exc:
+        return f"undecodable message: {type(exc).__name__}"
+    if not (
+        isinstance(body, list | tuple)
+        and len(body) == 3
+        and isinstance(body[0], list | tuple)
+        and isinstance(body[1], dict)
+        and (body[2] is None or isinstance(body[2], dict))
+    ):
+        return "invalid task message: the body is not [args, kwargs, embed]"
+    return None
+
+
 class QuarantiningConsumer(Consumer):
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handler = super().create_task_handler(*args, **kwargs)
+        connection_errors = tuple(self.connection_errors or ())
+
+        def on_task_received(message: Any) -> Any:
+            problem = _task_body_problem(message)
+            if problem is not None:
+                return quarantine_raw(self.app, message, problem)
+            try:
+                return handler(message)
+            except connection_errors:
+                raise  # the consumer reconnects; the message is redelivered
+            except Exception as exc:
+                # Never let one message stop the consumer loop (and the worker).
+                if message.acknowledged:
+                    log.error("error handling a task message", error=type(exc).__name__)
+                    return None
+                return quarantine_raw(
+                    self.app, message, f"invalid task message: {type(exc).__name__}"
+                )
+
+        return on_task_received
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         quarantine_raw(self.app, message, f"undecodable message: {type(exc).__name__}")
 

@@ -5,15 +5,40 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from celery import Celery
 from celery.result import AsyncResult
 
+from worker.ledger import Ledger
 from worker.message import TASK_NAME, JobMessage, parse_job
 
 
-def send_message(job: JobMessage, *, countdown: float | None = None) -> AsyncResult:
-    from worker.tasks import run
+def send_message(
+    job: JobMessage,
+    *,
+    countdown: float | None = None,
+    app: Celery | None = None,
+    ledger: Ledger | None = None,
+) -> AsyncResult:
+    """Record the job in the ledger, then publish it (to ``app``'s broker, default ours)."""
+    from worker.tasks import run, safe_kwargsrepr
 
-    return run.apply_async(kwargs={"job": job.wire()}, priority=job.priority, countdown=countdown)
+    wire = job.wire()
+    if ledger is None:
+        from worker.tasks import ledger as default_ledger
+
+        ledger = default_ledger()
+    ledger.record(job.job_id, wire)
+    kwargs = {"job": wire}
+    if app is None:
+        return run.apply_async(kwargs=kwargs, priority=job.priority, countdown=countdown)
+    return app.send_task(
+        TASK_NAME,
+        kwargs=kwargs,
+        priority=job.priority,
+        countdown=countdown,
+        kwargsrepr=safe_kwargsrepr(kwargs),
+        argsrepr="()",
+    )
 
 
 def submit(

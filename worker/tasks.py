@@ -30,11 +30,13 @@ from worker import metrics
 from worker.app import app
 from worker.backend_api import FINAL_STATUSES, BackendRejected, BackendUnavailable, default_backend
 from worker.batch import run_batch
+from worker.ledger import Ledger
 from worker.message import (
     DEAD_LETTER_TASK_NAME,
     DLQ,
     INVALID_QUEUE,
     POLL_TASK_NAME,
+    QUEUE,
     TASK_NAME,
     InvalidJob,
     JobMessage,
@@ -82,6 +84,34 @@ def writeback() -> WriteBack:
     if _writeback is None:
         _writeback = WriteBack(default_backend(), get_redis())
     return _writeback
+
+
+_ledger: Ledger | None = None
+
+
+def ledger() -> Ledger:
+    global _ledger
+    if _ledger is None:
+        _ledger = Ledger(get_redis(), grace_s=float(get_settings().visibility_timeout_s))
+    return _ledger
+
+
+def queue_empty() -> bool:
+    """Nothing waits in the inference queue (all priority levels)."""
+    with app.connection_for_write() as conn, conn.channel() as channel:
+        try:
+            return int(channel.queue_declare(QUEUE, passive=True).message_count) == 0
+        except Exception:
+            return False
+
+
+def sweep_ledger() -> int:
+    from worker.submit import send_message
+
+    def resend(wire: dict[str, Any]) -> None:
+        send_message(parse_job(wire))
+
+    return ledger().sweep(queue_empty, resend, writeback().is_done)
 
 
 class TransientFailure(Exception):
@@ -257,6 +287,7 @@ def _run(self: Task, args: tuple[Any, ...], job: Any, unexpected: dict[str, Any]
         quarantine(job, str(e))
         return {"job_id": e.job_id, "status": "INVALID"}
     _bind(msg.job_id, self, tenant=msg.tenant, model=msg.model)
+    ledger().started(msg.job_id)  # from here on, the broker's redelivery covers it
     if _already_final(msg):
         return {"job_id": msg.job_id, "status": "SKIPPED"}
     if msg.expired():

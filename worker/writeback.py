@@ -14,6 +14,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 import redis
@@ -143,22 +144,32 @@ class WriteBack:
 
 
 class Flusher(threading.Thread):
-    """Delivers the outbox every ``interval`` seconds until stopped (one per worker)."""
+    """Every ``interval`` seconds: deliver the outbox, then run the other chores given."""
 
-    def __init__(self, writeback: WriteBack, interval: float) -> None:
+    def __init__(
+        self, writeback: WriteBack, interval: float, chores: list[Callable[[], Any]] | None = None
+    ) -> None:
         super().__init__(name="synapse-outbox-flusher", daemon=True)
         self.writeback = writeback
         self.interval = interval
+        self.chores = chores or []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
-            try:
-                counts = self.writeback.flush()
-                if counts:
-                    log.info("outbox flushed", **counts)
-            except Exception as e:  # keep flushing whatever happened this round
-                log.warning("outbox flush failed", error=f"{type(e).__name__}: {e}")
+            for chore in [self.writeback.flush, *self.chores]:
+                try:
+                    outcome = chore()
+                    if outcome:
+                        log.info(
+                            "housekeeping", chore=getattr(chore, "__name__", "?"), outcome=outcome
+                        )
+                except Exception as e:  # keep going whatever happened this round
+                    log.warning(
+                        "housekeeping failed",
+                        chore=getattr(chore, "__name__", "?"),
+                        error=f"{type(e).__name__}: {e}",
+                    )
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -49,4 +49,11 @@ if [ "$batch_items" -gt 0 ]; then
     --plugin-dir "$plugin" --file "$items" >> "$ids"
 fi
 
+expected=$((jobs + (batch_items > 0 ? 1 : 0)))
+submitted=$(wc -l < "$ids")
+if [ "$submitted" -ne "$expected" ]; then
+  echo "only $submitted of $expected submissions succeeded (see the errors above)" >&2
+  python /demo/wait_jobs.py "$ids" || true
+  exit 1
+fi
 exec python /demo/wait_jobs.py "$ids"

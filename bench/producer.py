@@ -1,0 +1,117 @@
+"""The producer, run as a subprocess per system and run (the broker URL is read once
+per process): ``python -m bench.producer SYSTEM SPEC.json``.
+
+``bridge`` sends with the project's ``worker.submit.submit`` (REDIS_URL from the
+environment); ``peer`` with Ray's documented producer API for ``task_consumer``
+(``instantiate_adapter_from_config(...).enqueue_task_sync``) to the peer's queue. Both
+messages are the same job dict (the bridge's wire format, ``submitted_at`` included).
+
+``--sequential BACKEND_URL``: one job at a time; after each send, poll the backend's
+admin API until the job is final, and print per job when it was sent and when it was
+first seen final (W4). Otherwise send all as fast as possible. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _raw(job: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "job_id": job["id"],
+        "tenant": job["tenant"],
+        "token": job["token"],
+        "model": job["model"],
+        "method": "post",
+        "release": release,
+        "priority": 5,
+        "submitted_at": time.time(),
+        "json": job["json"],
+    }
+
+
+def bridge_sender(release: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    from worker.submit import submit
+
+    def send(job: dict[str, Any]) -> None:
+        submit(
+            job_id=job["id"],
+            model=job["model"],
+            token=job["token"],
+            tenant=job["tenant"],
+            release=release,
+            json=job["json"],
+        )
+
+    return send
+
+
+def peer_sender(
+    release: dict[str, Any], redis_url: str, queue: str
+) -> Callable[[dict[str, Any]], None]:
+    from ray.serve.task_consumer import instantiate_adapter_from_config
+
+    from bench.peer import TASK_NAME, processor_config
+
+    adapter = instantiate_adapter_from_config(processor_config(redis_url, queue))
+
+    def send(job: dict[str, Any]) -> None:
+        adapter.enqueue_task_sync(TASK_NAME, kwargs={"job": _raw(job, release)})
+
+    return send
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("system", choices=["bridge", "peer"])
+    ap.add_argument("spec", type=Path, help="JSON: {release, jobs: [{id, model, tenant, ...}]}")
+    ap.add_argument("--queue", default="synapse_peer")
+    ap.add_argument("--sequential", metavar="BACKEND_URL", default=None)
+    ap.add_argument("--poll-interval", type=float, default=0.002)
+    args = ap.parse_args(argv)
+    spec = json.loads(args.spec.read_text())
+    release, jobs = spec["release"], spec["jobs"]
+    if args.system == "bridge":
+        send = bridge_sender(release)
+    else:
+        send = peer_sender(release, os.environ["REDIS_URL"], args.queue)
+
+    if args.sequential is None:
+        t0 = time.time()
+        for job in jobs:
+            send(job)
+        print(json.dumps({"sent": len(jobs), "first_send": t0, "send_s": time.time() - t0}))
+        return 0
+
+    from local_backend.client import AdminClient
+
+    seen: list[dict[str, Any]] = []
+    with AdminClient(args.sequential) as admin:
+        for job in jobs:
+            t_send = time.time()
+            send(job)
+            deadline = time.monotonic() + 120
+            while True:
+                status = admin.job(job["id"])["status"]
+                if status in FINAL:
+                    break
+                if time.monotonic() > deadline:
+                    status = "TIMEOUT"
+                    break
+                time.sleep(args.poll_interval)
+            seen.append({"id": job["id"], "sent": t_send, "seen": time.time(), "status": status})
+    print(json.dumps({"sent": len(jobs), "sequential": seen}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

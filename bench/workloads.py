@@ -1,0 +1,775 @@
+"""The five workloads. Each runs in one Ray/backend stack and returns its result dict.
+
+Every system gets a fresh Redis; direct, peer and bridge run one after the other
+against the same deployed Serve application (models already loaded by a warm-up).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    SIMACCEL,
+    BridgeSystem,
+    Ctx,
+    PeerSystem,
+    Population,
+    Sampler,
+    deploy_plugin,
+    dist_ms,
+    job_specs,
+    log,
+    make_population,
+    release_of,
+    run_direct,
+    run_queued,
+    seed_population,
+)
+
+ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
+
+# The simulated accelerator (W2, W3): one call at a time per replica.
+ACCEL = {"base_s": 0.050, "per_item_s": 0.002, "max_batch": 32}
+
+
+def accel_ceiling(replicas: int = 1) -> float:
+    per_call = ACCEL["base_s"] + ACCEL["per_item_s"] * ACCEL["max_batch"]
+    return ACCEL["max_batch"] / per_call * replicas
+
+
+def accel_env(load_s: float) -> dict[str, str]:
+    return {
+        "SYNAPSE_TEST_SIMACCEL_LOAD_S": str(load_s),
+        "SYNAPSE_TEST_SIMACCEL_BASE_S": str(ACCEL["base_s"]),
+        "SYNAPSE_TEST_SIMACCEL_PER_ITEM_S": str(ACCEL["per_item_s"]),
+        "SYNAPSE_TEST_SIMACCEL_MAX_BATCH": str(ACCEL["max_batch"]),
+    }
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    full_jobs: int
+    quick_jobs: int
+    concurrency: int
+    what: str
+
+
+WORKLOADS: dict[str, Workload] = {
+    "W1": Workload(
+        "W1",
+        "overhead",
+        2000,
+        200,
+        16,
+        "trivial jobs (the example classifier, one row) over 4 models and 8 tenants, "
+        "results written to the local backend; direct, peer and bridge in the compatible "
+        "routing mode",
+    ),
+    "W2": Workload(
+        "W2",
+        "accelerator saturation",
+        2000,
+        200,
+        192,
+        "a simulated accelerator per replica (one call at a time, 50 ms + 2 ms per item, "
+        "at most 32 items per call), 1 replica, 4 models, 8 tenants; direct, peer and "
+        "bridge in the model-affine routing mode, the bridge also in the compatible mode",
+    ),
+    "W3": Workload(
+        "W3",
+        "multiplexing",
+        2000,
+        200,
+        64,
+        "8 models, 16 tenants, 2 replicas, at most 3 models per replica, 200 ms per model "
+        "load, jobs in random order; the bridge in the compatible mode, the model-affine "
+        "mode and an SDK-like configuration (cache keyed by token, no eviction)",
+    ),
+    "W4": Workload(
+        "W4",
+        "latency",
+        200,
+        30,
+        16,
+        "sequential single jobs at idle (one in flight), submit to SUCCEEDED seen on the "
+        "backend, against one direct call at a time",
+    ),
+    "W5": Workload(
+        "W5",
+        "soak",
+        50000,
+        1000,
+        16,
+        "queued trivial jobs drain through the bridge; worker RSS and Redis memory sampled "
+        "every second",
+    ),
+}
+
+
+def _warm(prefix: str, pop: Population, body: Any) -> list[dict[str, Any]]:
+    """One job per (user, model) pair: models loaded, pools and auth caches warm."""
+    return job_specs(f"{prefix}w", len(pop.pairs()), pop, body)
+
+
+def classifier_body(i: int) -> dict[str, Any]:
+    return {"inputs": [ROWS[i % 3]]}
+
+
+def accel_body(i: int) -> dict[str, Any]:
+    return {"x": i}
+
+
+def _setup_classifier(ctx: Ctx, prefix: str, first_model: int) -> tuple[Population, Any]:
+    from worker.demo_env import EXAMPLE_PLUGIN
+
+    pop = make_population(prefix, 8, 4, first_model)
+    seed_population(ctx.admin, ctx.workdir, pop)
+    t0 = time.perf_counter()
+    spec = deploy_plugin(EXAMPLE_PLUGIN)
+    ctx.timings["deploy_s"] = round(time.perf_counter() - t0, 2)
+    return pop, spec
+
+
+def _profile_out(ctx: Ctx, variant: str | None = None) -> Path | None:
+    if not ctx.profile:
+        return None
+    name = (
+        f"{ctx.workload}-profile.svg"
+        if variant is None
+        else f"{ctx.workload}-{variant}-profile.svg"
+    )
+    return ctx.results_dir / name
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if not a or not b:
+        return None
+    return round(a / b, 3)
+
+
+def _target(name: str, target: str, value: Any, met: bool | None, detail: str = "") -> dict:
+    return {"name": name, "target": target, "value": value, "met": met, "detail": detail}
+
+
+# --- W1 -----------------------------------------------------------------------------------
+
+
+def w1(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
+    from worker.demo_env import EXAMPLE_PLUGIN
+
+    pop, spec = _setup_classifier(ctx, "w1", 101)
+    release = release_of(EXAMPLE_PLUGIN)
+    mode = "compatible"
+    systems = []
+    log(f"W1 direct: {n} calls, {concurrency} in flight")
+    specs = job_specs("W1-direct", n, pop, classifier_body)
+    systems.append(
+        run_direct(
+            ctx,
+            specs,
+            _warm("W1-direct", pop, classifier_body),
+            route_prefix=spec.route_prefix,
+            routing_mode=mode,
+            concurrency=concurrency,
+        )
+    )
+    log(f"W1 peer: {n} jobs")
+    systems.append(
+        run_queued(
+            ctx,
+            PeerSystem(ctx, "peer", concurrency=concurrency, routing_mode=mode),
+            job_specs("W1-peer", n, pop, classifier_body),
+            _warm("W1-peer", pop, classifier_body),
+            release,
+            prefix="W1-peer",
+            label="peer",
+        )
+    )
+    log(f"W1 bridge: {n} jobs")
+    systems.append(
+        run_queued(
+            ctx,
+            BridgeSystem(
+                ctx,
+                "bridge",
+                concurrency=concurrency,
+                routing_mode=mode,
+                profile_out=_profile_out(ctx),
+            ),
+            job_specs("W1-bridge", n, pop, classifier_body),
+            _warm("W1-bridge", pop, classifier_body),
+            release,
+            prefix="W1-bridge",
+            label="bridge",
+        )
+    )
+    direct, peer, bridge = systems
+    for s in systems:
+        s["vs_direct"] = _ratio(s.get("throughput"), direct.get("throughput"))
+        s["vs_peer"] = _ratio(s.get("throughput"), peer.get("throughput"))
+    r_peer = _ratio(bridge.get("throughput"), peer.get("throughput"))
+    targets = [
+        _target(
+            "bridge jobs/s >= 1.0x peer",
+            ">= 1.0",
+            r_peer,
+            None if r_peer is None else r_peer >= 1.0,
+            f"bridge {bridge.get('throughput')} jobs/s, peer {peer.get('throughput')} jobs/s; "
+            f"bridge/direct {bridge.get('vs_direct')}",
+        )
+    ]
+    return {
+        "unit": "jobs/s",
+        "population": pop.describe(),
+        "params": {
+            "jobs": n,
+            "concurrency": concurrency,
+            "routing_mode": mode,
+            "plugin": "examples/classifier",
+        },
+        "systems": systems,
+        "targets": targets,
+    }
+
+
+# --- W2 -----------------------------------------------------------------------------------
+
+
+def _handle(spec: Any, deployment: str) -> Any:
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, spec.app_name)
+
+
+def replica_stats(spec: Any, deployment: str, replicas: int, tries: int = 80) -> dict[int, Any]:
+    """``model_stats`` of every replica (the handle picks one per call: ask until all seen)."""
+    handle = _handle(spec, deployment)
+    seen: dict[int, Any] = {}
+    for _ in range(tries):
+        s = handle.model_stats.remote().result(timeout_s=60)
+        seen[s["pid"]] = s
+        if len(seen) >= replicas:
+            break
+    return seen
+
+
+def _accel_diff(before: dict[str, Any], after: dict[str, Any], span_s: float | None) -> dict:
+    calls = after["calls"] - before["calls"]
+    items = after["items"] - before["items"]
+    busy = after["busy_s"] - before["busy_s"]
+    sizes = {
+        k: after["batch_sizes"].get(k, 0) - before["batch_sizes"].get(k, 0)
+        for k in after["batch_sizes"]
+    }
+    return {
+        "calls": calls,
+        "items": items,
+        "busy_s": round(busy, 3),
+        "mean_batch": round(items / calls, 2) if calls else None,
+        "utilization": round(busy / span_s, 3) if span_s else None,
+        "batch_sizes": {k: v for k, v in sizes.items() if v},
+    }
+
+
+def w2(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
+    pop = make_population("w2", 8, 4, 301)
+    seed_population(ctx.admin, ctx.workdir, pop)
+    release = release_of(SIMACCEL)
+    ray_batch = ACCEL["max_batch"] * len(pop.models)
+    options = {
+        "num_replicas": 1,
+        "max_models_per_replica": len(pop.models),
+        "max_ongoing_requests": max(512, 2 * concurrency),
+        "batch": {"max_batch_size": ray_batch, "batch_wait_timeout_s": 0.02},
+    }
+    t0 = time.perf_counter()
+    spec = deploy_plugin(SIMACCEL, env=accel_env(0.0), **options)
+    ctx.timings["deploy_s"] = round(time.perf_counter() - t0, 2)
+    deployment = "SimAccelDeployment"
+    ceiling = accel_ceiling(1)
+
+    def accel_now() -> dict[str, Any]:
+        stats = replica_stats(spec, deployment, 1)
+        return next(iter(stats.values()))["accel"]
+
+    runs: list[tuple[str, Any]] = [
+        ("direct", "model_affine"),
+        ("peer", "model_affine"),
+        ("bridge", "model_affine"),
+        ("bridge", "compatible"),
+    ]
+    systems = []
+    for kind, mode in runs:
+        label = kind if mode == "model_affine" else f"{kind} ({mode})"
+        prefix = f"W2-{kind}-{mode}"
+        specs = job_specs(prefix, n, pop, accel_body)
+        warm = _warm(prefix, pop, accel_body)
+        log(f"W2 {label}: {n} jobs, {concurrency} in flight")
+        if kind == "direct":
+            # Warm first, so the accelerator figures cover the measured calls only.
+            run_direct(
+                ctx,
+                warm,
+                [],
+                route_prefix=spec.route_prefix,
+                routing_mode=mode,
+                concurrency=concurrency,
+            )
+            before = accel_now()
+            fig = run_direct(
+                ctx,
+                specs,
+                [],
+                route_prefix=spec.route_prefix,
+                routing_mode=mode,
+                concurrency=concurrency,
+            )
+            fig["label"] = label
+        else:
+            holder: dict[str, Any] = {}
+
+            def during(holder: dict[str, Any] = holder) -> Any:
+                holder["before"] = accel_now()
+                return lambda: None
+
+            system: Any
+            if kind == "peer":
+                system = PeerSystem(ctx, prefix, concurrency=concurrency, routing_mode=mode)
+            else:
+                variant = None if mode == "model_affine" else mode
+                system = BridgeSystem(
+                    ctx,
+                    prefix,
+                    concurrency=concurrency,
+                    routing_mode=mode,
+                    profile_out=_profile_out(ctx, variant),
+                )
+            fig = run_queued(
+                ctx, system, specs, warm, release, prefix=prefix, label=label, during=during
+            )
+            before = holder["before"]
+        fig["accel"] = _accel_diff(before, accel_now(), fig.get("span_s"))
+        fig["routing_mode"] = mode
+        fig["vs_ceiling"] = _ratio(fig.get("throughput"), ceiling)
+        systems.append(fig)
+    direct, peer, bridge = systems[0], systems[1], systems[2]
+    k = len(pop.models)
+    mixed_cap = ACCEL["max_batch"] / (
+        k * (ACCEL["base_s"] + ACCEL["per_item_s"] * ACCEL["max_batch"] / k)
+    )
+    for s in systems:
+        s["vs_direct"] = _ratio(s.get("throughput"), direct.get("throughput"))
+        s["vs_peer"] = _ratio(s.get("throughput"), peer.get("throughput"))
+    r = bridge.get("vs_ceiling")
+    targets = [
+        _target(
+            "bridge items/s >= 0.8x the accelerator ceiling",
+            f">= 0.8 (ceiling {ceiling:.0f} items/s)",
+            r,
+            None if r is None else r >= 0.8,
+            f"bridge {bridge.get('throughput')} items/s (mean batch "
+            f"{bridge['accel'].get('mean_batch')}, accelerator busy "
+            f"{bridge['accel'].get('utilization')}); peer {peer.get('throughput')} "
+            f"({peer.get('vs_ceiling')}x); direct {direct.get('throughput')} "
+            f"({direct.get('vs_ceiling')}x)",
+        )
+    ]
+    return {
+        "unit": "items/s",
+        "ceiling": round(ceiling, 1),
+        "population": pop.describe(),
+        "params": {
+            "jobs": n,
+            "concurrency": concurrency,
+            "accelerator": ACCEL,
+            "serve_options": options,
+            "plugin": "bench/plugins/simaccel",
+        },
+        "systems": systems,
+        "targets": targets,
+        "notes": [
+            f"Ray's @serve.batch caps a batch before splitting it by multiplexed model id, so "
+            f"its max_batch_size is set to {ray_batch} (32 x {len(pop.models)} models per "
+            "replica) and the accelerator itself runs at most 32 items per call: a "
+            "per-model sub-batch can then fill a device call. With max_batch_size 32, four "
+            f"evenly mixed models give sub-batches of ~8 and cap every system near "
+            f"{mixed_cap:.0f} items/s.",
+            "Items = jobs: each job is one request (one item) to the replica.",
+        ],
+    }
+
+
+# --- W3 -----------------------------------------------------------------------------------
+
+
+def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
+    from ray import serve
+
+    pop = make_population("w3", 16, 8, 201)
+    seed_population(ctx.admin, ctx.workdir, pop)
+    release = release_of(SIMACCEL)
+    bound = 3
+    replicas = 2
+    variants = [
+        ("compatible", "inference", "compatible", bound, "SimAccelDeployment"),
+        ("model_affine", "inference", "model_affine", bound, "SimAccelDeployment"),
+        ("sdk_like", "inference_sdk", "compatible", 100000, "SdkLikeSimAccelDeployment"),
+    ]
+    systems = []
+    for name, action, mode, max_models, deployment in variants:
+        t0 = time.perf_counter()
+        spec = deploy_plugin(
+            SIMACCEL,
+            action=action,
+            env=accel_env(0.2),
+            num_replicas=replicas,
+            max_models_per_replica=max_models,
+            max_ongoing_requests=512,
+            batch={"max_batch_size": ACCEL["max_batch"] * bound, "batch_wait_timeout_s": 0.02},
+        )
+        deploy_s = time.perf_counter() - t0
+        ctx.admin.reset_stats()
+        prefix = f"W3-{name}"
+        specs = job_specs(prefix, n, pop, accel_body, shuffle_seed=3)
+        handle = _handle(spec, deployment)
+
+        def during(handle: Any = handle) -> Any:
+            def sample() -> dict[str, Any]:
+                s = handle.model_stats.remote().result(timeout_s=10)
+                return {"pid": s["pid"], "resident": s["resident_now"], "loads": s["loads"]}
+
+            sampler = Sampler(sample, 0.5)
+            sampler.start()
+            return sampler.stop
+
+        log(f"W3 {name}: {n} jobs in random order, {concurrency} in flight")
+        fig = run_queued(
+            ctx,
+            BridgeSystem(
+                ctx,
+                prefix,
+                concurrency=concurrency,
+                routing_mode=mode,
+                profile_out=_profile_out(ctx, name),
+            ),
+            specs,
+            [],
+            release,
+            prefix=prefix,
+            label=f"bridge ({name})",
+            during=during,
+        )
+        fig["variant"] = name
+        fig["deploy_s"] = round(deploy_s, 2)
+        per_replica = replica_stats(spec, deployment, replicas)
+        backend = ctx.admin.stats()
+        fig["replicas"] = [
+            {
+                "pid": pid,
+                "loads": s["loads"],
+                "releases": s["releases"],
+                "resident_max": s["resident_max"],
+                "resident_now": s["resident_now"],
+                "accel": s["accel"],
+                "events": s["events"],
+            }
+            for pid, s in sorted(per_replica.items())
+        ]
+        fig["replicas_seen"] = len(per_replica)
+        fig["loads"] = sum(s["loads"] for s in per_replica.values())
+        fig["downloads"] = backend["downloads"]
+        fig["downloads_by_model"] = backend["downloads_by_model"]
+        fig["resident_max"] = max((s["resident_max"] for s in per_replica.values()), default=None)
+        fig["bound"] = max_models
+        fig["resident_samples"] = [
+            {"t": t, **v} for t, v in (fig.pop("during", None) or []) if isinstance(v, dict)
+        ]
+        systems.append(fig)
+        serve.delete(spec.app_name)
+    affine = next(s for s in systems if s["variant"] == "model_affine")
+    loads = affine["downloads"]
+    targets = [
+        _target(
+            "model-affine loads <= 2x the number of models",
+            f"<= {2 * len(pop.models)}",
+            loads,
+            loads <= 2 * len(pop.models),
+            f"{affine['loads']} loads counted by the replicas, {loads} downloads by the "
+            f"backend; compatible {systems[0]['downloads']}, SDK-like {systems[2]['downloads']}",
+        ),
+        _target(
+            "model-affine residents never above the bound",
+            f"<= {bound} per replica",
+            affine["resident_max"],
+            affine["resident_max"] is not None
+            and affine["resident_max"] <= bound
+            and affine["replicas_seen"] == replicas,
+            "the largest count of models loaded or loading on a replica, counted by the "
+            "replica at every load and release "
+            f"({affine['replicas_seen']} of {replicas} replicas reported)",
+        ),
+    ]
+    return {
+        "unit": "items/s",
+        "population": pop.describe(),
+        "params": {
+            "jobs": n,
+            "concurrency": concurrency,
+            "replicas": replicas,
+            "bound": bound,
+            "load_s": 0.2,
+            "accelerator": ACCEL,
+            "order": "random (seeded shuffle of the rotation over pairs)",
+            "plugin": "bench/plugins/simaccel",
+        },
+        "systems": systems,
+        "targets": targets,
+        "notes": [
+            "compatible: the multiplexing header is the caller's JWT (Ray routes by it and "
+            "splits batches by it); the runtime's LRU is keyed by the model (bound 3).",
+            "model_affine: the header is tenant:model, the JWT rides in its own header; "
+            "Ray routes and batches by model.",
+            "SDK-like (emulated): compatible routing, the LRU keyed by the JWT and the "
+            "shared store given a per-token identity, so each (user, model) pair loads its "
+            "own copy, as the SDK's token-keyed cache does; max_models_per_replica 100000 "
+            "(no eviction). Class SdkLikeSimAccelDeployment in bench/plugins/simaccel.",
+            "Loads are counted twice: by each replica's model store and by the backend "
+            "(downloads; every load downloads the archive).",
+        ],
+    }
+
+
+# --- W4 -----------------------------------------------------------------------------------
+
+
+def w4(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
+    from worker.demo_env import EXAMPLE_PLUGIN
+
+    pop, spec = _setup_classifier(ctx, "w4", 111)
+    release = release_of(EXAMPLE_PLUGIN)
+    mode = "compatible"
+    log(f"W4 direct: {n} sequential calls")
+    direct = run_direct(
+        ctx,
+        job_specs("W4-direct", n, pop, classifier_body),
+        _warm("W4-direct", pop, classifier_body),
+        route_prefix=spec.route_prefix,
+        routing_mode=mode,
+        concurrency=1,
+    )
+    systems = [direct]
+    for kind in ("peer", "bridge"):
+        prefix = f"W4-{kind}"
+        log(f"W4 {kind}: {n} sequential jobs")
+        system: Any = (
+            PeerSystem(ctx, prefix, concurrency=concurrency, routing_mode=mode)
+            if kind == "peer"
+            else BridgeSystem(
+                ctx,
+                prefix,
+                concurrency=concurrency,
+                routing_mode=mode,
+                profile_out=_profile_out(ctx),
+            )
+        )
+        fig = run_queued(
+            ctx,
+            system,
+            job_specs(prefix, n, pop, classifier_body),
+            _warm(prefix, pop, classifier_body),
+            release,
+            prefix=prefix,
+            label=kind,
+            sequential=True,
+        )
+        seq = fig.get("sequential") or []
+        fig["observed_ms"] = dist_ms(
+            [s["seen"] - s["sent"] for s in seq if s["status"] == "SUCCEEDED"]
+        )
+        fig["recorded_ms"] = fig.get("latency_ms")
+        fig["latency_ms"] = fig["observed_ms"]
+        fig["latency_definition"] = (
+            "submit to SUCCEEDED first seen by polling the backend every 2 ms"
+        )
+        systems.append(fig)
+    bridge = systems[2]
+    d50, d99 = direct["latency_ms"].get("p50"), direct["latency_ms"].get("p99")
+    for s in systems:
+        lat = s.get("latency_ms") or {}
+        s["overhead_ms"] = {
+            "p50": round(lat["p50"] - d50, 2) if lat.get("p50") is not None else None,
+            "p99": round(lat["p99"] - d99, 2) if lat.get("p99") is not None else None,
+        }
+    o50, o99 = bridge["overhead_ms"]["p50"], bridge["overhead_ms"]["p99"]
+    targets = [
+        _target("bridge overhead p50", "<= 10 ms", o50, None if o50 is None else o50 <= 10),
+        _target("bridge overhead p99", "<= 30 ms", o99, None if o99 is None else o99 <= 30),
+    ]
+    return {
+        "unit": "ms",
+        "population": pop.describe(),
+        "params": {
+            "jobs": n,
+            "concurrency": concurrency,
+            "routing_mode": mode,
+            "plugin": "examples/classifier",
+        },
+        "systems": systems,
+        "targets": targets,
+        "notes": [
+            "Overhead = the system's percentile minus the direct call's percentile "
+            "(p99 - p99, not a percentile of differences).",
+            "recorded_ms is each job's metrics_record.total_s (submit to just before the "
+            "final PATCH); latency_ms/observed_ms add the final PATCH and the poll gap.",
+        ],
+    }
+
+
+# --- W5 -----------------------------------------------------------------------------------
+
+
+def _slope_per_10k(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y over x, times 10,000 (MiB per 10k jobs)."""
+    if len(points) < 3:
+        return None
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    if den == 0:
+        return None
+    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 10000, 3)
+
+
+def w5(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
+    from worker.demo_env import EXAMPLE_PLUGIN
+
+    pop, _ = _setup_classifier(ctx, "w5", 121)
+    release = release_of(EXAMPLE_PLUGIN)
+    log(f"W5 bridge soak: {n} queued jobs")
+    fig = run_queued(
+        ctx,
+        BridgeSystem(
+            ctx,
+            "W5-bridge",
+            concurrency=concurrency,
+            routing_mode="compatible",
+            profile_out=_profile_out(ctx),
+        ),
+        job_specs("W5-bridge", n, pop, classifier_body),
+        _warm("W5-bridge", pop, classifier_body),
+        release,
+        prefix="W5-bridge",
+        label="bridge",
+        soak=True,
+    )
+    series = fig.pop("series", {})
+    rss = series.get("rss_kb", [])
+    done = series.get("final", [])
+    redis = series.get("redis", [])
+
+    def done_at(t: float) -> int:
+        best = 0
+        for td, v in done:
+            if td <= t:
+                best = v
+        return best
+
+    warm_mark = max(1, n // 10)
+    post_warm = next((v for t, v in rss if done_at(t) >= warm_mark), None)
+    final_rss = fig.get("worker_rss_kb_final") or (rss[-1][1] if rss else None)
+    trend = _slope_per_10k(
+        [(done_at(t), v / 1024) for t, v in rss if done_at(t) >= warm_mark and v]
+    )
+    base_mem = fig["redis_baseline"]["used_memory"]
+    after = fig["redis_after_drain"]["used_memory"]
+    purged = fig["redis_after_purge"]["used_memory"]
+    census = fig["redis_census"]["by_kind"]
+    other_no_ttl = census["other"]["no_ttl"]
+    base_census = fig["redis_baseline_census"]["by_kind"]
+    baseline_keys = fig["redis_baseline"]["keys"]
+    t0 = rss[0][0] if rss else time.time()
+    fig["soak"] = {
+        "samples": len(rss),
+        "post_warmup_mark_jobs": warm_mark,
+        "rss_post_warmup_mib": round(post_warm / 1024, 1) if post_warm else None,
+        "rss_final_mib": round(final_rss / 1024, 1) if final_rss else None,
+        "rss_final_vs_post_warmup": _ratio(final_rss, post_warm),
+        "rss_trend_mib_per_10k_jobs": trend,
+        "redis_baseline_bytes": base_mem,
+        "redis_after_drain_bytes": after,
+        "redis_after_purge_bytes": purged,
+        "redis_baseline_keys": baseline_keys,
+        "redis_census": census,
+        "redis_other_keys": fig["redis_census"]["other_keys"],
+        "series": {
+            "t": [round(t - t0, 2) for t, _ in rss],
+            "rss_mib": [round(v / 1024, 2) for _, v in rss],
+            "jobs_done": [done_at(t) for t, _ in rss],
+            "redis_t": [round(t - t0, 2) for t, _ in redis],
+            "redis_used_mib": [round(v["used_memory"] / 1024 / 1024, 3) for _, v in redis],
+            "redis_keys": [v["keys"] for _, v in redis],
+        },
+    }
+    ratio = fig["soak"]["rss_final_vs_post_warmup"]
+    tolerance = max(1024 * 1024, int(base_mem * 0.10))
+    targets = [
+        _target(
+            "worker RSS: no growth trend",
+            "final within 10% of post-warm-up",
+            ratio,
+            None if ratio is None else ratio <= 1.10,
+            f"post-warm-up (after {warm_mark} jobs) {fig['soak']['rss_post_warmup_mib']} MiB, "
+            f"final {fig['soak']['rss_final_mib']} MiB, slope {trend} MiB per 10k jobs",
+        ),
+        _target(
+            "Redis memory back to its baseline (keys that expire by design set aside)",
+            "within 10% (or 1 MiB) of the baseline",
+            round((purged - base_mem) / 1024 / 1024, 3),
+            purged - base_mem <= tolerance
+            and census["other"]["keys"] <= base_census["other"]["keys"]
+            and other_no_ttl <= base_census["other"]["no_ttl"],
+            f"baseline {base_mem / 1e6:.2f} MB; after the drain {after / 1e6:.2f} MB with "
+            f"{census['celery_results']['keys']} Celery results (24 h TTL, "
+            f"{census['celery_results']['bytes'] / 1e6:.2f} MB) and "
+            f"{census['bridge_final_markers']['keys']} done markers (7-day TTL, "
+            f"{census['bridge_final_markers']['bytes'] / 1e6:.2f} MB); after deleting "
+            f"those (what their expiry does) {purged / 1e6:.2f} MB; "
+            f"{census['other']['keys']} other keys ({base_census['other']['keys']} at the "
+            f"baseline), {other_no_ttl} without a TTL",
+        ),
+        _target(
+            "zero jobs lost",
+            "0",
+            fig.get("lost"),
+            fig.get("lost") == 0 and fig.get("failed", 0) == 0,
+            f"{fig.get('succeeded')} SUCCEEDED, {fig.get('failed')} FAILED of {n}; "
+            f"{fig.get('backend_patches_per_job')} backend PATCHes per job (RUNNING + final = 2)",
+        ),
+    ]
+    return {
+        "unit": "jobs/s",
+        "population": pop.describe(),
+        "params": {
+            "jobs": n,
+            "concurrency": concurrency,
+            "routing_mode": "compatible",
+            "plugin": "examples/classifier",
+        },
+        "systems": [fig],
+        "targets": targets,
+        "notes": [
+            "The jobs are sent by one producer as fast as it can while the worker drains "
+            "them (the producer is far faster than the worker: the queue fills first).",
+            "Redis keeps, by design, one Celery result per job for result_expires = 24 h "
+            "and one synapse:final:<id> marker per job for 7 days; they are counted "
+            "separately, then deleted (as their expiry would) to compare with the baseline.",
+        ],
+    }
+
+
+RUNNERS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}
