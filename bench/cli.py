@@ -104,10 +104,27 @@ def all_succeeded(systems: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def print_plan(keys: list[str], args: argparse.Namespace) -> None:
+    from bench.workloads import SYSTEMS, WORKLOADS
+
+    print("plan:", flush=True)
+    for key in keys:
+        w = WORKLOADS[key]
+        jobs = args.jobs or (w.quick_jobs if args.quick else w.full_jobs)
+        quick = " (QUICK)" if jobs < w.full_jobs else ""
+        print(
+            f"  {key} {w.title}: {jobs} jobs{quick} x {SYSTEMS[key]}, "
+            f"{args.concurrency or w.concurrency} in flight",
+            flush=True,
+        )
+
+
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     results, out = _dirs(args)
     command = command_line(argv)
     keys = ORDER if args.workload == "all" else [args.workload]
+    if args.command is None:  # not a workload process started by `run --workload all`
+        print_plan(keys, args)
     t0 = time.time()
     summary: list[tuple[str, int, float, str]] = []
     if len(keys) == 1:

@@ -482,6 +482,14 @@ def run_config(env: Env, pool: str, concurrency: int, n: int, warmup: int, tag: 
         "other_load_during_run": round(
             max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0), 3
         ),
+        # jobs/s scaled up by the CPU share the other load took: an estimate of the rate
+        # on a machine of our own (sound only while the run is CPU-bound).
+        "jobs_per_s_alone_est": round(
+            n
+            / span
+            / max(0.05, 1 - max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0)),
+            2,
+        ),
         # Where the CPU went during the burst, per job: the worker, the local backend,
         # and everything else (Ray Serve proxy and replica, Redis, the producer).
         "cpu_ms_per_job": {
@@ -581,6 +589,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "machine_busy_during_run": mean(lambda r: r["machine_busy_during_run"], 3),
             "other_load_during_run": mean(lambda r: r["other_load_during_run"], 3),
             "other_load_all": [r["other_load_during_run"] for r in runs],
+            "jobs_per_s_alone_est": mean(lambda r: r["jobs_per_s_alone_est"], 2),
+            "jobs_per_s_alone_est_all": [r["jobs_per_s_alone_est"] for r in runs],
             "jobs_per_s_all": [r["jobs_per_s"] for r in runs],
             "p50_ms_all": [r["latency_ms"]["p50"] for r in runs],
             "p99_ms_all": [r["latency_ms"]["p99"] for r in runs],
@@ -614,8 +624,9 @@ def write_report(result: dict[str, Any]) -> None:
         "(submit to final write), so under a burst it is mostly queue wait.",
         "",
         "| pool | concurrency | jobs/s | p50 ms | p99 ms | peak RSS MB | PSS MB | "
-        "service p50 ms | worker CPU ms/job | stack CPU ms/job | machine busy | other load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "service p50 ms | worker CPU ms/job | stack CPU ms/job | machine busy | other load | "
+        "jobs/s alone (est.) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spread = ""
@@ -629,7 +640,7 @@ def write_report(result: dict[str, Any]) -> None:
             f"{r['stack_cpu_ms_per_job']:.1f} | "
             f"{r['machine_busy_during_run'] * 100:.0f}% | "
             + "/".join(f"{x * 100:.0f}%" for x in r["other_load_all"])
-            + " |"
+            + f" | {r['jobs_per_s_alone_est']:.1f} |"
         )
     lines += [""]
     for note in result["notes"]:
@@ -646,7 +657,9 @@ def write_report(result: dict[str, Any]) -> None:
         "processes this benchmark started spent per job (the job's cost, which sets the "
         "ceiling on a CPU-bound machine); *other load* is the share taken by "
         "processes this benchmark did not start, per run (on a shared machine it slows "
-        "the runs it falls on).",
+        "the runs it falls on); *jobs/s alone (est.)* is each run's jobs/s divided by "
+        "(1 - other load), averaged: a rough estimate of the rate without that load, "
+        "sound only while the runs are CPU-bound.",
         "",
         "## Conclusion",
         "",
@@ -699,8 +712,10 @@ def conclusion(rows: list[dict[str, Any]], cores: int) -> str:
             f"{cpu['worker']:.0f} ms, the local backend {cpu['backend']:.0f} ms, Ray Serve's "
             f"proxy and replica with Redis and the producer {serving:.0f} ms. That caps "
             f"{cores} cores near {cores * 1000 / own:.0f} jobs/s whatever the pool: the "
-            "ceiling is the shared CPU, mostly the serving side's, not the worker's pool, "
-            "so beyond a few slots more concurrency only stretches each job's service time"
+            f"ceiling is the shared CPU ({serving / own * 100:.0f}% of it spent on the "
+            f"serving side, {cpu['worker'] / own * 100:.0f}% in the worker), not the "
+            "worker's pool, so beyond a few slots more concurrency only stretches each "
+            "job's service time"
         )
         by_c = sorted((r for r in rows if r["pool"] == "threads"), key=lambda r: r["concurrency"])
         if len(by_c) > 1:
@@ -714,7 +729,15 @@ def conclusion(rows: list[dict[str, Any]], cores: int) -> str:
     if other_max > 0.05:
         parts.append(
             f"Other work on this shared machine took up to {other_max * 100:.0f}% of the CPU "
-            "during some runs (column *other load*), which accounts for part of the spread."
+            "during some runs (column *other load*), which accounts for much of the spread."
+        )
+        est = sorted(rows, key=lambda r: r["jobs_per_s_alone_est"])
+        parts.append(
+            "Scaled by the CPU share that load left (an estimate), the configurations come "
+            f"to {est[0]['jobs_per_s_alone_est']:.0f}-{est[-1]['jobs_per_s_alone_est']:.0f} "
+            "jobs/s: "
+            + ", ".join(f"{_label(r)} {r['jobs_per_s_alone_est']:.0f}" for r in est)
+            + "."
         )
     parts.append(
         "Latency is measured from submit under a burst, so p50 and p99 are mostly queue "
@@ -756,7 +779,7 @@ def conclusion(rows: list[dict[str, Any]], cores: int) -> str:
                     else "."
                 )
             )
-        idle = [r for r in rows if r["machine_busy_during_run"] < busy - 0.05]
+        idle = [r for r in rows if r["machine_busy_during_run"] < busy - 0.08]
         if idle:
             parts.append(
                 ", ".join(
@@ -765,7 +788,7 @@ def conclusion(rows: list[dict[str, Any]], cores: int) -> str:
                 )
                 + f" (mean {busy * 100:.0f}%): too few slots to keep the serving side fed."
             )
-        if small or (noise is not None and bt in tied):
+        if small or (noise is not None and bt in tied and bp in tied):
             parts.append(
                 "So no configuration wins on speed here; the default `--pool threads` is "
                 "justified by memory (one process at any concurrency, "

@@ -6,6 +6,7 @@ against the same deployed Serve application (models already loaded by a warm-up)
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,8 +408,34 @@ def w2(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
 # --- W3 -----------------------------------------------------------------------------------
 
 
+def read_replica_events(events_dir: Path) -> list[dict[str, Any]]:
+    """Per replica: its load/release events and last device figures (``replica-<pid>.jsonl``)."""
+    out = []
+    for path in sorted(events_dir.glob("replica-*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        events = [r for r in records if r["event"] != "accel"]
+        accel = [r["accel"] for r in records if r["event"] == "accel"]
+        out.append(
+            {
+                "pid": int(path.stem.split("-", 1)[1]),
+                "loads": sum(1 for r in events if r["event"] == "load_end"),
+                "releases": sum(1 for r in events if r["event"] == "release"),
+                "resident_max": max((r["resident"] for r in events), default=0),
+                "loaded_max": max((r["loaded"] for r in events), default=0),
+                "loaded_at_end": events[-1]["loaded"] if events else 0,
+                "accel": accel[-1] if accel else {"calls": 0, "items": 0, "busy_s": 0.0},
+                "events": [
+                    [r["t"], r["event"], r["model"], r["resident"], r["loaded"]] for r in events
+                ],
+            }
+        )
+    return out
+
+
 def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     from ray import serve
+
+    from local_backend.client import AdminClient
 
     pop = make_population("w3", 16, 8, 201)
     seed_population(ctx.admin, ctx.workdir, pop)
@@ -422,11 +449,13 @@ def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     ]
     systems = []
     for name, action, mode, max_models, deployment in variants:
+        events_dir = ctx.workdir / f"replica-events-{name}"
+        events_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         spec = deploy_plugin(
             SIMACCEL,
             action=action,
-            env=accel_env(0.2),
+            env={**accel_env(0.2), "SYNAPSE_TEST_SIMACCEL_EVENTS_DIR": str(events_dir)},
             num_replicas=replicas,
             max_models_per_replica=max_models,
             max_ongoing_requests=512,
@@ -436,16 +465,18 @@ def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
         ctx.admin.reset_stats()
         prefix = f"W3-{name}"
         specs = job_specs(prefix, n, pop, accel_body, shuffle_seed=3)
-        handle = _handle(spec, deployment)
 
-        def during(handle: Any = handle) -> Any:
-            def sample() -> dict[str, Any]:
-                s = handle.model_stats.remote().result(timeout_s=10)
-                return {"pid": s["pid"], "resident": s["resident_now"], "loads": s["loads"]}
-
-            sampler = Sampler(sample, 0.5)
+        def during() -> Any:
+            admin = AdminClient(ctx.backend_url)
+            sampler = Sampler(lambda: admin.stats()["downloads"], 0.5)
             sampler.start()
-            return sampler.stop
+
+            def stop() -> Any:
+                samples = sampler.stop()
+                admin.close()
+                return samples
+
+            return stop
 
         log(f"W3 {name}: {n} jobs in random order, {concurrency} in flight")
         fig = run_queued(
@@ -465,32 +496,24 @@ def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
             during=during,
         )
         fig["variant"] = name
+        fig["deployment"] = deployment
         fig["deploy_s"] = round(deploy_s, 2)
-        per_replica = replica_stats(spec, deployment, replicas)
+        serve.delete(spec.app_name)  # replicas gone: their event files are complete
+        reps = read_replica_events(events_dir)
         backend = ctx.admin.stats()
-        fig["replicas"] = [
-            {
-                "pid": pid,
-                "loads": s["loads"],
-                "releases": s["releases"],
-                "resident_max": s["resident_max"],
-                "resident_now": s["resident_now"],
-                "accel": s["accel"],
-                "events": s["events"],
-            }
-            for pid, s in sorted(per_replica.items())
-        ]
-        fig["replicas_seen"] = len(per_replica)
-        fig["loads"] = sum(s["loads"] for s in per_replica.values())
+        fig["replicas"] = reps
+        fig["replicas_seen"] = len(reps)
+        fig["loads"] = sum(r["loads"] for r in reps)
         fig["downloads"] = backend["downloads"]
         fig["downloads_by_model"] = backend["downloads_by_model"]
-        fig["resident_max"] = max((s["resident_max"] for s in per_replica.values()), default=None)
+        fig["resident_max"] = max((r["resident_max"] for r in reps), default=None)
+        fig["loaded_max"] = max((r["loaded_max"] for r in reps), default=None)
         fig["bound"] = max_models
-        fig["resident_samples"] = [
-            {"t": t, **v} for t, v in (fig.pop("during", None) or []) if isinstance(v, dict)
-        ]
+        calls = sum(r["accel"]["calls"] for r in reps)
+        items = sum(r["accel"]["items"] for r in reps)
+        fig["mean_batch"] = round(items / calls, 2) if calls else None
+        fig["downloads_over_time"] = [[round(t, 2), v] for t, v in fig.pop("during", None) or []]
         systems.append(fig)
-        serve.delete(spec.app_name)
     affine = next(s for s in systems if s["variant"] == "model_affine")
     loads = affine["downloads"]
     targets = [
@@ -509,9 +532,10 @@ def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
             affine["resident_max"] is not None
             and affine["resident_max"] <= bound
             and affine["replicas_seen"] == replicas,
-            "the largest count of models loaded or loading on a replica, counted by the "
-            "replica at every load and release "
-            f"({affine['replicas_seen']} of {replicas} replicas reported)",
+            "the largest number of models loaded or loading on one replica, counted by "
+            f"the replica at every load and release; loaded copies alone at most "
+            f"{affine['loaded_max']} (an evicted copy stays loaded while a request still "
+            f"uses it); {affine['replicas_seen']} of {replicas} replicas reported",
         ),
     ]
     return {
@@ -538,8 +562,10 @@ def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
             "shared store given a per-token identity, so each (user, model) pair loads its "
             "own copy, as the SDK's token-keyed cache does; max_models_per_replica 100000 "
             "(no eviction). Class SdkLikeSimAccelDeployment in bench/plugins/simaccel.",
-            "Loads are counted twice: by each replica's model store and by the backend "
+            "Loads are counted twice: by each replica (its event log) and by the backend "
             "(downloads; every load downloads the archive).",
+            "resident = models loaded or loading on a replica; loaded = copies in memory "
+            "(an evicted copy stays while a request still uses it).",
         ],
     }
 
@@ -611,7 +637,7 @@ def w4(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
         _target("bridge overhead p99", "<= 30 ms", o99, None if o99 is None else o99 <= 30),
     ]
     return {
-        "unit": "ms",
+        "unit": "jobs/s (one at a time)",
         "population": pop.describe(),
         "params": {
             "jobs": n,
@@ -773,3 +799,10 @@ def w5(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
 
 
 RUNNERS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}
+SYSTEMS = {
+    "W1": "direct, peer, bridge",
+    "W2": "direct, peer, bridge, bridge (compatible)",
+    "W3": "bridge (compatible, model_affine, sdk_like)",
+    "W4": "direct, peer, bridge (sequential)",
+    "W5": "bridge",
+}

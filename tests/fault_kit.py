@@ -94,25 +94,25 @@ class Producer:
     """Sends task messages to a given broker, as ``worker.submit`` would."""
 
     def __init__(self, broker_url: str, redis_url: str) -> None:
+        import redis
+
         from config import load_settings
         from worker.app import create_app
+        from worker.ledger import Ledger
 
         self.app = create_app(load_settings(broker_url=broker_url, redis_url=redis_url))
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        # The ledger's grace is the workers' visibility timeout, as in worker.submit.
+        grace = float(FAULT_WORKER_ENV["SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT"])
+        self.ledger = Ledger(self.redis, grace_s=grace)
 
     def send(self, jobs: list[Job]) -> None:
-        from worker.message import TASK_NAME
-        from worker.tasks import safe_kwargsrepr
+        """As ``worker.submit`` does: each job in the ledger, then published."""
+        from worker.message import parse_job
+        from worker.submit import send_message
 
-        with self.app.producer_or_acquire() as producer:
-            for j in jobs:
-                kwargs = {"job": j.message}
-                self.app.send_task(
-                    TASK_NAME,
-                    kwargs=kwargs,
-                    producer=producer,
-                    kwargsrepr=safe_kwargsrepr(kwargs),
-                    argsrepr="()",
-                )
+        for j in jobs:
+            send_message(parse_job(j.message), app=self.app, ledger=self.ledger)
 
     def send_raw(
         self,

@@ -115,6 +115,7 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(worker_env: dict[str, str], example_app: Any, probe_app: Any, session_dir: Path) -> Any:
     from tests.fault_kit import Producer
+    from tests.test_security import close_producer
     from worker.redis_server import RedisServer
 
     server = RedisServer().start()
@@ -124,7 +125,7 @@ def rig(worker_env: dict[str, str], example_app: Any, probe_app: Any, session_di
     try:
         yield Rig(worker, server.url, producer, session_dir / "bad-input-pickle-ran")
     finally:
-        producer.close()
+        close_producer(producer)
         worker.stop()
         server.close()
 
@@ -289,12 +290,28 @@ def job_state(admin: Any, job_id: str) -> tuple[dict[str, Any], int, int]:
     return job, final, running
 
 
-def wait_job_final(admin: Any, job_id: str, timeout: float) -> dict[str, Any]:
-    return wait_for(
+class WorkerDied(AssertionError):
+    """The module's worker exited: the scenario stops there (and says at which case)."""
+
+
+def wait_serving(rig: Rig, predicate: Any, timeout: float, what: str) -> Any:
+    """``wait_for``, but a worker that exits ends the wait at once."""
+
+    def check() -> Any:
+        value = predicate()
+        if not value and rig.worker.proc.poll() is not None:
+            raise WorkerDied(f"the worker exited ({rig.worker.proc.returncode}) awaiting {what}")
+        return value
+
+    return wait_for(check, timeout=timeout, interval=0.1, what=what)
+
+
+def wait_job_final(rig: Rig, admin: Any, job_id: str, timeout: float) -> dict[str, Any]:
+    return wait_serving(
+        rig,
         lambda: (j := admin.job(job_id))["status"] in FINAL and j,
-        timeout=timeout,
-        interval=0.1,
-        what=f"job {job_id} final",
+        timeout,
+        f"job {job_id} final",
     )
 
 
@@ -327,12 +344,11 @@ def run_case(rig: Rig, admin: Any, case: dict[str, Any]) -> Outcome:
 
     if expect["outcome"] == "quarantined":
         try:
-            found = wait_for(
-                lambda: new_quarantined(r, before),
-                timeout=90,
-                interval=0.1,
-                what=f"{case['id']} quarantined",
+            found = wait_serving(
+                rig, lambda: new_quarantined(r, before), 90, f"{case['id']} quarantined"
             )
+        except WorkerDied:
+            raise
         except AssertionError as e:
             out.detail = str(e)
             return out
@@ -350,7 +366,7 @@ def run_case(rig: Rig, admin: Any, case: dict[str, Any]) -> Outcome:
                 out.detail = f"quarantined message is not this case's: {headers}"
                 return out
         if expect.get("job_failed"):
-            job = wait_job_final(admin, job_id, 60)
+            job = wait_job_final(rig, admin, job_id, 60)
             job, out.final_writes, out.running_writes = job_state(admin, job_id)
             if job["status"] != "FAILED" or expect["reason"] not in error_of(job):
                 out.detail = f"job {job['status']}: {error_of(job)[:300]}"
@@ -363,7 +379,9 @@ def run_case(rig: Rig, admin: Any, case: dict[str, Any]) -> Outcome:
 
     # expect: failed
     try:
-        job = wait_job_final(admin, job_id, 120)
+        job = wait_job_final(rig, admin, job_id, 120)
+    except WorkerDied:
+        raise
     except AssertionError as e:
         out.detail = str(e)
         return out
@@ -412,8 +430,13 @@ def good_job(rig: Rig, admin: Any) -> str:
     return job_id
 
 
-def check_good(admin: Any, job_id: str) -> bool:
-    job = wait_job_final(admin, job_id, 120)
+def check_good(rig: Rig, admin: Any, job_id: str) -> bool:
+    try:
+        job = wait_job_final(rig, admin, job_id, 120)
+    except WorkerDied:
+        raise
+    except AssertionError:
+        return False
     return job["status"] == "SUCCEEDED" and job["result"]["predictions"] == [
         "setosa",
         "virginica",
@@ -452,15 +475,19 @@ def test_every_bad_input_gets_its_outcome_once_and_the_worker_keeps_serving(
     seed_case_models(admin, cases, tmp_path)
     started = time.monotonic()
     tally = Tally()
-    for n, case in enumerate(cases):
-        if n % GOOD_EVERY == 0:
-            job_id = good_job(rig, admin)
-            tally.good.append(job_id)
-            tally.good_ok += check_good(admin, job_id)
-        tally.outcomes.append(run_case(rig, admin, case))
-    job_id = good_job(rig, admin)
-    tally.good.append(job_id)
-    tally.good_ok += check_good(admin, job_id)
+    died = None
+    try:
+        for n, case in enumerate(cases):
+            if n % GOOD_EVERY == 0:
+                job_id = good_job(rig, admin)
+                tally.good.append(job_id)
+                tally.good_ok += check_good(rig, admin, job_id)
+            tally.outcomes.append(run_case(rig, admin, case))
+        job_id = good_job(rig, admin)
+        tally.good.append(job_id)
+        tally.good_ok += check_good(rig, admin, job_id)
+    except WorkerDied as e:  # the rest of the cases never ran: counted as lost
+        died = f"after case {tally.outcomes[-1].case if tally.outcomes else '-'}: {e}"
 
     # Afterwards, nothing came back: write logs unchanged (no late second attempt or
     # write), every message acknowledged, nothing left on the queue, the worker alive.
@@ -483,17 +510,16 @@ def test_every_bad_input_gets_its_outcome_once_and_the_worker_keeps_serving(
     elapsed = time.monotonic() - started
 
     bad = [o for o in tally.outcomes if not o.ok]
+    not_run = len(cases) - len(tally.outcomes)
     twice = sum(1 for o in tally.outcomes if o.final_writes > 1)
-    quarantined = sum(
-        1
-        for o, c in zip(tally.outcomes, cases, strict=True)
-        if o.ok and c["expect"]["outcome"] == "quarantined"
-    )
+    outcome_of = {c["id"]: c["expect"]["outcome"] for c in cases}
+    quarantined = sum(1 for o in tally.outcomes if o.ok and outcome_of[o.case] == "quarantined")
+    right = len(tally.outcomes) - len(bad)
     counts = fault_kit.Counts(
         submitted=len(cases) + len(tally.good),
         succeeded=tally.good_ok,
-        failed=len(cases) - len(bad),
-        lost=len(bad) + len(tally.good) - tally.good_ok,
+        failed=right,
+        lost=len(bad) + not_run + len(tally.good) - tally.good_ok,
         written_twice=twice,
     )
     kinds: dict[str, int] = {}
@@ -510,7 +536,9 @@ def test_every_bad_input_gets_its_outcome_once_and_the_worker_keeps_serving(
         extra={
             "cases": len(cases),
             "quarantined": quarantined,
-            "failed_as_expected": len(cases) - len(bad) - quarantined,
+            "failed_as_expected": right - quarantined,
+            "not_run": not_run,
+            "worker_died": died,
             "good_jobs": len(tally.good),
             "wrong_outcome": [o.case for o in bad],
             "secret_leaks": len(secret_leaks),
@@ -524,6 +552,7 @@ def test_every_bad_input_gets_its_outcome_once_and_the_worker_keeps_serving(
         json.dumps([o.__dict__ for o in tally.outcomes], indent=1)
     )
     report = "\n".join(f"  {o.case}: {o.detail} (got: {o.reason})" for o in bad)
+    assert died is None, f"the worker stopped serving {died}\n{log_text[-2000:]}"
     assert not bad, f"{len(bad)} of {len(cases)} cases without the right outcome:\n{report}"
     assert twice == 0
     assert tally.good_ok == len(tally.good), "the worker stopped serving good jobs"

