@@ -159,6 +159,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         report = write_report(results, out)
         print(f"report: {report}")
     wall = time.time() - t0
+    if args.command is not None:  # a workload process of `run --workload all`
+        return 0 if all(s[3] == "ok" for s in summary) else 1
     print("\nworkload  jobs    wall      status")
     for key, jobs, w, status in summary:
         print(f"{key:8s}  {jobs:<6d}  {w:7.0f}s  {status}")

@@ -275,3 +275,8 @@ def worker_proc(
     proc = WorkerProcess(worker_env, session_dir / "worker.log").start()
     yield proc
     proc.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the security module last: its secret scan then reads the whole run's logs."""
+    items.sort(key=lambda item: item.module.__name__.endswith("test_security"))
