@@ -141,6 +141,7 @@ class Settings(BaseSettings):
     intake_page_size: int = _env("SYNAPSE_BRIDGE_INTAKE_PAGE_SIZE", default=100)
     metrics_port: int = _env("SYNAPSE_BRIDGE_METRICS_PORT", default=9808)
     ready_file: Path | None = _env("SYNAPSE_BRIDGE_READY_FILE")
+    store_results: bool = _env("SYNAPSE_BRIDGE_STORE_RESULTS", default=False)
     max_message_bytes: int = _env("SYNAPSE_BRIDGE_MAX_MESSAGE_BYTES", default=8 * 1024 * 1024)
 
     # --- Logs.

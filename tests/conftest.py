@@ -198,6 +198,7 @@ def worker_env(serve_env: dict[str, str], redis_url: str, session_dir: Path) -> 
         "SYNAPSE_BRIDGE_PROGRESS_INTERVAL": "0.2",
         "SYNAPSE_BRIDGE_BATCH_CHUNK_SIZE": "4",
         "SYNAPSE_BRIDGE_LOG_FORMAT": "json",
+        "SYNAPSE_BRIDGE_STORE_RESULTS": "true",  # tests read task outcomes
         "SYNAPSE_BRIDGE_METRICS_PORT": str(free_port("127.0.0.1")),
     }
     os.environ.update(env)

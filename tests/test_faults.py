@@ -152,15 +152,14 @@ def test_r3_backend_faults(
         "methods": ["PATCH"],
         "error_rate": 0.2,
         "latency_ms": 200,
-        "seed": 7,
     }
     started = time.monotonic()
     producer = Producer(fresh_redis.url, fresh_redis.url)
     try:
-        admin.set_faults([flaky])
+        admin.set_faults([flaky], seed=7)
         producer.send(jobs)
         wait_fraction_final(admin, jobs, 0.3, timeout=600)
-        admin.set_faults([flaky, {"path_prefix": "", "outage": True}])
+        admin.set_faults([{"path_prefix": "", "outage": True}, flaky], seed=7)
         outage_end = time.monotonic() + 10
         wait_for(
             lambda: time.monotonic() > outage_end,
@@ -168,7 +167,7 @@ def test_r3_backend_faults(
             interval=0.5,
             what="the 10 s backend outage",
         )
-        admin.set_faults([flaky])
+        admin.set_faults([flaky], seed=7)
         wait_for(
             lambda: (c := wait_all_final(admin, jobs, timeout=0)).lost == 0 and c,
             timeout=900,

@@ -44,6 +44,9 @@ def create_app(settings: Settings | None = None) -> Celery:
         },
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
+        # The backend holds the results; Celery's copy is opt-in (it costs a Redis key
+        # per job for result_expires).
+        task_ignore_result=not settings.store_results,
         result_expires=24 * 3600,
         result_extended=False,  # never store task kwargs (tokens) in the result backend
         worker_send_task_events=True,

@@ -43,11 +43,12 @@ class BackendAPI:
             from config import SettingsError
 
             raise SettingsError("the worker needs SYNAPSE_ACCESS_TOKEN (a service token)")
+        pool = max(64, settings.worker_concurrency + 8)  # every thread may write at once
         self._http = httpx.Client(
             base_url=self.base_url + "/",
             headers={"Authorization": f"Token {token}"},
             timeout=httpx.Timeout(settings.backend_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
         )
 
     def close(self) -> None:
