@@ -56,26 +56,33 @@ class WriteBack:
         raw = self.redis.hget(OUTBOX, job_id)
         return json.loads(raw) if raw else None
 
-    def finalize(self, job_id: str, body: dict[str, Any], *, tenant: str | None = None) -> Outcome:
-        """Record the final body (first one wins), then try to deliver it now."""
+    def finalize(
+        self, job_id: str, body: dict[str, Any], *, tenant: str | None = None, verify: bool = True
+    ) -> Outcome:
+        """Record the final body (first one wins), then try to deliver it now.
+
+        ``verify=False`` skips the backend status check before the PATCH: for a caller
+        that read the job's status itself moments ago (the task, at its start). Every
+        later delivery (the flusher, a redelivered job) checks again.
+        """
         if body.get("status") not in FINAL_STATUSES:
             raise ValueError(f"a final write needs a final status, got {body.get('status')!r}")
         record = {"job_id": job_id, "tenant": tenant, "body": body, "at": time.time()}
         self.redis.hsetnx(OUTBOX, job_id, json.dumps(record))
-        return self.deliver(job_id)
+        return self.deliver(job_id, verify=verify)
 
-    def deliver(self, job_id: str) -> Outcome:
+    def deliver(self, job_id: str, *, verify: bool = True) -> Outcome:
         """Deliver the outbox record of ``job_id``, at most once."""
         lock_key, owner = LOCK_PREFIX + job_id, uuid.uuid4().hex
         lock_ms = int((self.settings.backend_timeout_s * 2 + 10) * 1000)
         if not self.redis.set(lock_key, owner, nx=True, px=lock_ms):
             return "outboxed"  # another deliverer holds it; the record stays until done
         try:
-            return self._deliver_locked(job_id)
+            return self._deliver_locked(job_id, verify)
         finally:
             self._release(keys=[lock_key], args=[owner])
 
-    def _deliver_locked(self, job_id: str) -> Outcome:
+    def _deliver_locked(self, job_id: str, verify: bool) -> Outcome:
         record = self.pending(job_id)
         if record is None:
             return "already_final" if self.is_done(job_id) else "outboxed"
@@ -84,7 +91,7 @@ class WriteBack:
             return "already_final"
         tenant = record.get("tenant")
         try:
-            current = self.backend.get_job(job_id, tenant)
+            current = self.backend.get_job(job_id, tenant) if verify else {}
             if current.get("status") in FINAL_STATUSES:
                 self._mark_done(job_id)
                 log.info(
