@@ -104,7 +104,7 @@ class _Handle:
         self.__del__ = self._evict
 
     async def _evict(self) -> None:
-        await self._store.release(self.entry)
+        await self._store.evict(self.entry)
 
 
 class BaseServeDeployment(BaseAction):
@@ -189,12 +189,9 @@ class BaseServeDeployment(BaseAction):
     async def predict(self, body: Any) -> Any:
         """Run ``body`` on this request's model through ``infer_batch``; batched by model."""
         entry = await self._resolve()
-        entry.refs += 1  # hold the copy while the request uses it, even past eviction
-        try:
+        async with self._store.lease(entry):  # an eviction waits for this request
             item = BatchItem(model=entry.model, body=body, model_info=entry.info)
             return await self._infer_batched(item)
-        finally:
-            await self._store.release(entry)
 
     async def _run_batch(self, items: list[BatchItem]) -> list[Any]:
         """Split a batch by model (in compatible mode Ray batches per token), keep order."""

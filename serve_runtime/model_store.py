@@ -10,11 +10,12 @@ removed when the last reference goes; the deployment's release hook runs first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,10 @@ class LoadedModel:
     model: Any
     info: dict[str, Any]
     path: Path
-    refs: int = 0
+    refs: int = 0  # multiplexed handles holding this copy
+    leases: int = 0  # requests using it right now
     loaded_at: float = field(default_factory=time.time)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -208,6 +211,34 @@ class ModelStore:
         self._loading.pop(ident, None)
         if not task.cancelled() and task.exception() is None:
             self._loaded[ident] = task.result()
+
+    @contextlib.asynccontextmanager
+    async def lease(self, entry: LoadedModel) -> AsyncIterator[LoadedModel]:
+        """Mark ``entry`` in use for the duration of one request."""
+        entry.leases += 1
+        entry.idle.clear()
+        try:
+            yield entry
+        finally:
+            entry.leases -= 1
+            if entry.leases == 0:
+                entry.idle.set()
+
+    async def evict(self, entry: LoadedModel, wait_s: float = 120.0) -> None:
+        """Release a copy Ray's LRU evicted, once no request uses it.
+
+        Ray evicts before it loads the next model (under its lock), so waiting here keeps
+        the copies in memory within ``max_models_per_replica``: the new load starts after
+        the old copy is gone. A request that outlives ``wait_s`` does not block forever.
+        """
+        if entry.leases:
+            try:
+                await asyncio.wait_for(entry.idle.wait(), wait_s)
+            except TimeoutError:
+                log.warning(
+                    "evicting a model still in use", model=entry.ident[1], leases=entry.leases
+                )
+        await self.release(entry)
 
     async def release(self, entry: LoadedModel) -> None:
         """Drop one reference; the last one releases the model and deletes its files."""
