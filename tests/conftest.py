@@ -54,7 +54,18 @@ def model_archives(session_dir: Path) -> dict[int, Path]:
     from examples.classifier.model import write_model_archive
 
     out = {}
-    for model_id, seed in {12: 0, 13: 1, 14: 2, 15: 3, 16: 4, 21: 5, 22: 6, 23: 7}.items():
+    for model_id, seed in {
+        12: 0,
+        13: 1,
+        14: 2,
+        15: 3,
+        16: 4,
+        18: 8,
+        19: 9,
+        21: 5,
+        22: 6,
+        23: 7,
+    }.items():
         path = session_dir / "archives" / f"model-{model_id}.tar.gz"
         write_model_archive(path, seed=seed, version=1)
         out[model_id] = path
@@ -87,6 +98,8 @@ def seed_spec(archives: dict[int, Path]) -> dict[str, Any]:
             model(14),
             model(15),
             model(16, tenant="globex"),
+            model(18),  # used by one test only: its first load is counted
+            model(19),  # likewise
             {"id": 17, "name": "no-file", "tenant": "acme", "version": 1},
             model(21),
             model(22),

@@ -74,14 +74,14 @@ def call(
 def test_two_users_of_one_model_share_one_load(example_app: Any, admin: Any) -> None:
     c = client()
     before = stats(example_app.app_name)["loads"]
-    downloads_before = admin.stats()["downloads_by_model"].get("14", 0)
-    a = call(c, example_app, {"inputs": ROWS}, model=14, user="alice")
-    b = call(c, example_app, {"inputs": ROWS}, model=14, user="bob")
+    downloads_before = admin.stats()["downloads_by_model"].get("18", 0)
+    a = call(c, example_app, {"inputs": ROWS}, model=18, user="alice")
+    b = call(c, example_app, {"inputs": ROWS}, model=18, user="bob")
     assert a["predictions"] == b["predictions"]
     after = stats(example_app.app_name)
     assert after["loads"] - before == 1
-    assert admin.stats()["downloads_by_model"].get("14", 0) - downloads_before == 1
-    resident = [r for r in after["resident"] if r["ident"][1] == "14"]
+    assert admin.stats()["downloads_by_model"].get("18", 0) - downloads_before == 1
+    resident = [r for r in after["resident"] if r["ident"][1] == "18"]
     assert len(resident) == 1
     assert resident[0]["refs"] == 1  # one multiplexed entry per model, whoever asks
 
@@ -94,7 +94,7 @@ def test_concurrent_first_requests_share_one_load(example_app: Any) -> None:
 
     def worker(user: str) -> None:
         try:
-            results.append(call(c, example_app, {"inputs": ROWS[:1]}, model=15, user=user))
+            results.append(call(c, example_app, {"inputs": ROWS[:1]}, model=19, user=user))
         except BaseException as e:  # surfaced below
             errors.append(e)
 
