@@ -281,12 +281,11 @@ def w2(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     pop = make_population("w2", 8, 4, 301)
     seed_population(ctx.admin, ctx.workdir, pop)
     release = release_of(SIMACCEL)
-    ray_batch = ACCEL["max_batch"] * len(pop.models)
     options = {
         "num_replicas": 1,
         "max_models_per_replica": len(pop.models),
         "max_ongoing_requests": max(512, 2 * concurrency),
-        "batch": {"max_batch_size": ray_batch, "batch_wait_timeout_s": 0.02},
+        "batch": {"max_batch_size": ACCEL["max_batch"], "batch_wait_timeout_s": 0.02},
     }
     t0 = time.perf_counter()
     spec = deploy_plugin(SIMACCEL, env=accel_env(0.0), **options)
@@ -359,10 +358,6 @@ def w2(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
         fig["vs_ceiling"] = _ratio(fig.get("throughput"), ceiling)
         systems.append(fig)
     direct, peer, bridge = systems[0], systems[1], systems[2]
-    k = len(pop.models)
-    mixed_cap = ACCEL["max_batch"] / (
-        k * (ACCEL["base_s"] + ACCEL["per_item_s"] * ACCEL["max_batch"] / k)
-    )
     for s in systems:
         s["vs_direct"] = _ratio(s.get("throughput"), direct.get("throughput"))
         s["vs_peer"] = _ratio(s.get("throughput"), peer.get("throughput"))
@@ -394,12 +389,8 @@ def w2(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
         "systems": systems,
         "targets": targets,
         "notes": [
-            f"Ray's @serve.batch caps a batch before splitting it by multiplexed model id, so "
-            f"its max_batch_size is set to {ray_batch} (32 x {len(pop.models)} models per "
-            "replica) and the accelerator itself runs at most 32 items per call: a "
-            "per-model sub-batch can then fill a device call. With max_batch_size 32, four "
-            f"evenly mixed models give sub-batches of ~8 and cap every system near "
-            f"{mixed_cap:.0f} items/s.",
+            "The replica batches with the runtime's DeviceBatcher (serve_runtime/batcher.py): "
+            "one model per batch, formed when the device is free, max_batch_size 32.",
             "Items = jobs: each job is one request (one item) to the replica.",
         ],
     }
@@ -459,7 +450,7 @@ def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
             num_replicas=replicas,
             max_models_per_replica=max_models,
             max_ongoing_requests=512,
-            batch={"max_batch_size": ACCEL["max_batch"] * bound, "batch_wait_timeout_s": 0.02},
+            batch={"max_batch_size": ACCEL["max_batch"], "batch_wait_timeout_s": 0.02},
         )
         deploy_s = time.perf_counter() - t0
         ctx.admin.reset_stats()

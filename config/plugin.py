@@ -31,8 +31,15 @@ class ActorOptions(_Strict):
 
 
 class BatchOptions(_Strict):
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """Per replica: batches of one model, formed when one of the batch slots is free."""
+
+    max_batch_size: int = Field(32, ge=1, description="requests per infer_batch call")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="how long a lone request waits for company"
+    )
+    max_concurrent_batches: int = Field(
+        1, ge=1, description="infer_batch calls at once (1: the device runs one batch)"
+    )
 
 
 class AutoscalingOptions(BaseModel):

@@ -2,7 +2,8 @@
 
 Ray Serve does the work: ``serve.deployment`` with the config's options,
 ``serve.ingress`` on the plugin's FastAPI app, ``serve.multiplexed`` bounding the
-models per replica, ``serve.batch`` on the batch path when configured.
+models per replica. Batching, when configured, is the runtime's ``DeviceBatcher``
+(``serve_runtime/batcher.py`` says why not ``serve.batch``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from fastapi import FastAPI, HTTPException
 
 from config import configure_logging, get_settings, resolve_route_prefix
 from serve_runtime.action import BaseAction
+from serve_runtime.batcher import DeviceBatcher
 from serve_runtime.deferred import DeferredResults
 from serve_runtime.model_store import (
     BackendClient,
@@ -143,7 +144,9 @@ class BaseServeDeployment(BaseAction):
         )
         self._deferred = DeferredResults(self.deferred_deadline_s)
         self._load_handle_bounded = self._wrap_multiplexed(self._load_handle)
-        self._infer_batched = self._wrap_batch(self._run_batch)
+        self._batcher: DeviceBatcher[BatchItem] | None = (
+            DeviceBatcher(self._checked_batch, **self.batch_options) if self.batch_options else None
+        )
 
     # -- the SDK's surface
 
@@ -191,23 +194,15 @@ class BaseServeDeployment(BaseAction):
         entry = await self._resolve()
         async with self._store.lease(entry):  # an eviction waits for this request
             item = BatchItem(model=entry.model, body=body, model_info=entry.info)
-            return await self._infer_batched(item)
+            if self._batcher is None:
+                return (await self._checked_batch([item]))[0]
+            return await self._batcher.submit(id(entry), item)  # one batch, one copy
 
-    async def _run_batch(self, items: list[BatchItem]) -> list[Any]:
-        """Split a batch by model (in compatible mode Ray batches per token), keep order."""
-        groups: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(id(item.model), []).append(i)
-        results: list[Any] = [None] * len(items)
-        for indexes in groups.values():
-            out = await self.infer_batch([items[i] for i in indexes])
-            if len(out) != len(indexes):
-                raise RuntimeError(
-                    f"infer_batch returned {len(out)} results for {len(indexes)} requests"
-                )
-            for i, r in zip(indexes, out, strict=True):
-                results[i] = r
-        return results
+    async def _checked_batch(self, items: list[BatchItem]) -> list[Any]:
+        out = await self.infer_batch(items)
+        if len(out) != len(items):
+            raise RuntimeError(f"infer_batch returned {len(out)} results for {len(items)} requests")
+        return out
 
     # -- internals
 
@@ -229,17 +224,6 @@ class BaseServeDeployment(BaseAction):
             return await fn(model_id)
 
         return serve.multiplexed(max_num_models_per_replica=self.max_models_per_replica)(load)
-
-    def _wrap_batch(self, fn: Callable[[list[BatchItem]], Any]) -> Callable[[BatchItem], Any]:
-        if self.batch_options:
-            from ray import serve
-
-            return serve.batch(**self.batch_options)(fn)
-
-        async def single(item: BatchItem) -> Any:
-            return (await fn([item]))[0]
-
-        return single
 
     async def _load_handle(self, mux_id: str) -> _Handle:
         pending = _LOAD_FOR.get()
