@@ -114,6 +114,11 @@ def configure_logging(fmt: str = "console", level: str = "INFO", *, force: bool 
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A job's line is the worker's "job finished"; Celery's "received" and "succeeded"
+    # lines say it again, twice per job. They come back with the DEBUG level.
+    quiet = logging.WARNING if logging.getLevelName(level) > logging.DEBUG else logging.NOTSET
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(quiet)
     _configured = True
 
 

@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         "SYNAPSE_BRIDGE_BATCH_ITEM_FAILURE", default="partial"
     )
     progress_interval_s: float = _env("SYNAPSE_BRIDGE_PROGRESS_INTERVAL", default=1.0)
+    # A job still running after this long is marked RUNNING on the backend; 0 marks
+    # every job at its start (one more backend request per job).
+    running_mark_after_s: float = _env("SYNAPSE_BRIDGE_RUNNING_MARK_AFTER", default=1.0)
+    # Celery task events (what Flower shows): off by default, as in Celery (-E).
+    task_events: bool = _env("SYNAPSE_BRIDGE_TASK_EVENTS", default=False)
     outbox_flush_interval_s: float = _env("SYNAPSE_BRIDGE_OUTBOX_FLUSH_INTERVAL", default=5.0)
     final_marker_ttl_s: int = _env("SYNAPSE_BRIDGE_FINAL_MARKER_TTL", default=7 * 24 * 3600)
     intake_interval_s: float = _env("SYNAPSE_BRIDGE_INTAKE_INTERVAL", default=5.0)
@@ -194,6 +199,13 @@ class Settings(BaseSettings):
     def _positive(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("must be greater than 0")
+        return v
+
+    @field_validator("running_mark_after_s")
+    @classmethod
+    def _not_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be 0 or more")
         return v
 
     @model_validator(mode="after")

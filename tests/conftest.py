@@ -212,6 +212,9 @@ def worker_env(serve_env: dict[str, str], redis_url: str, session_dir: Path) -> 
         "SYNAPSE_BRIDGE_BATCH_CHUNK_SIZE": "4",
         "SYNAPSE_BRIDGE_LOG_FORMAT": "json",
         "SYNAPSE_BRIDGE_STORE_RESULTS": "true",  # tests read task outcomes
+        "SYNAPSE_BRIDGE_TASK_EVENTS": "true",  # so the secrets scan covers events too
+        # Every job marked RUNNING at its start: the tests count that write as "it ran".
+        "SYNAPSE_BRIDGE_RUNNING_MARK_AFTER": "0",
         "SYNAPSE_BRIDGE_METRICS_PORT": str(free_port("127.0.0.1")),
     }
     os.environ.update(env)

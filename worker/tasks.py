@@ -1,10 +1,12 @@
 """The tasks: run an inference job, poll a deferred one, intake, flush the outbox.
 
-A job's life: validate -> skip if already final -> RUNNING -> infer_remote -> the
-final write (once, through ``writeback``). Errors are classified: 4xx fails at once;
-transient errors retry with backoff and jitter up to a bound, then the job fails and
-its message goes to the dead-letter queue. A pending (deferred) answer schedules a
-poll task instead of holding the worker slot.
+A job's life: validate -> skip if already final -> infer_remote -> the final write
+(once, through ``writeback``); a job still running after
+``SYNAPSE_BRIDGE_RUNNING_MARK_AFTER`` is marked RUNNING meanwhile (``running_mark``).
+Errors are classified: 4xx fails at once; transient errors retry with backoff and
+jitter up to a bound, then the job fails and its message goes to the dead-letter
+queue. A pending (deferred) answer schedules a poll task instead of holding the
+worker slot.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from functools import partial
 from typing import Any
 
 import structlog
@@ -45,6 +48,7 @@ from worker.message import (
 )
 from worker.redis_conn import get_redis
 from worker.retry import RetryPolicy
+from worker.running_mark import Mark, RunningMarks
 from worker.writeback import WriteBack
 
 log = structlog.get_logger("worker.tasks")
@@ -84,6 +88,16 @@ def writeback() -> WriteBack:
     if _writeback is None:
         _writeback = WriteBack(default_backend(), get_redis())
     return _writeback
+
+
+_running_marks: RunningMarks | None = None
+
+
+def running_marks() -> RunningMarks:
+    global _running_marks
+    if _running_marks is None:
+        _running_marks = RunningMarks(get_settings().running_mark_after_s)
+    return _running_marks
 
 
 _ledger: Ledger | None = None
@@ -209,9 +223,10 @@ def _already_final(job: JobMessage) -> bool | None:
     pending delivery); False when the backend says it is not final; None when the
     backend could not tell (the final write will then check again)."""
     wb = writeback()
-    if wb.is_done(job.job_id):
+    done, pending = wb.state(job.job_id)
+    if done:
         return True
-    if wb.pending(job.job_id) is not None:  # computed before: deliver, never recompute
+    if pending is not None:  # computed before: deliver, never recompute
         wb.deliver(job.job_id)
         return True
     try:
@@ -297,16 +312,24 @@ def _run(self: Task, args: tuple[Any, ...], job: Any, unexpected: dict[str, Any]
     if msg.expired():
         finish(msg, "FAILED", error="deadline passed before the job could run")
         return {"job_id": msg.job_id, "status": "FAILED"}
-    writeback().update(
-        msg.job_id,
-        {
-            "status": "RUNNING",
-            "meta": {"attempt": attempt, "task_id": self.request.id, "worker": WORKER_NAME},
-        },
-        tenant=msg.tenant,
-    )
+    running = {
+        "status": "RUNNING",
+        "meta": {"attempt": attempt, "task_id": self.request.id, "worker": WORKER_NAME},
+    }
+    mark = running_marks().arm(partial(writeback().update, msg.job_id, running, tenant=msg.tenant))
+    try:
+        return _attempt(self, msg, mark, started=started, attempt=attempt, final=final)
+    finally:
+        mark.disarm()  # before run()'s own handler can write a final status
+
+
+def _attempt(
+    self: Task, msg: JobMessage, mark: Mark, *, started: float, attempt: int, final: bool | None
+) -> dict[str, Any]:
+    """Inference and the final write; every final write comes after ``mark.disarm()``."""
     try:
         if msg.is_batch:
+            mark.write_now()  # long work, with progress writes to come: RUNNING first
             return run_batch(self, msg, started=started, attempt=attempt)
         t0 = time.perf_counter()
         out = default_client().infer(
@@ -320,6 +343,7 @@ def _run(self: Task, args: tuple[Any, ...], job: Any, unexpected: dict[str, Any]
         inferred = time.perf_counter() - t0
         metrics.INFERENCE_LATENCY.observe(inferred)
     except SoftTimeLimitExceeded:
+        mark.disarm()
         finish(
             msg,
             "FAILED",
@@ -328,6 +352,7 @@ def _run(self: Task, args: tuple[Any, ...], job: Any, unexpected: dict[str, Any]
         )
         return {"job_id": msg.job_id, "status": "FAILED"}
     except ServeError as e:
+        mark.disarm()
         if _is_transient(e):
             return _retry_or_fail(self, msg, e, started, attempt)
         finish(
@@ -338,12 +363,14 @@ def _run(self: Task, args: tuple[Any, ...], job: Any, unexpected: dict[str, Any]
         )
         return {"job_id": msg.job_id, "status": "FAILED"}
     if isinstance(out, Pending):
+        mark.write_now()  # running on the replica, for longer than this task
         schedule_poll(
             msg, out.ticket, first_pending_at=time.time(), started=started, attempt=attempt
         )
         return {"job_id": msg.job_id, "status": "DEFERRED"}
     # The status was read from the backend at the start of this attempt (final is
     # False, not None): the write needs no second look, saving a GET per job.
+    mark.disarm()
     finish(
         msg,
         "SUCCEEDED",

@@ -37,6 +37,29 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 
+# One round trip before the PATCH. KEYS: outbox, done marker, lock. ARGV: job id, the
+# record to add if none is there ('' adds none), lock owner, lock ms.
+_CLAIM = """
+if ARGV[2] ~= '' then redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2]) end
+if redis.call('exists', KEYS[2]) == 1 then
+  redis.call('hdel', KEYS[1], ARGV[1])
+  return {'done'}
+end
+local record = redis.call('hget', KEYS[1], ARGV[1])
+if not record then return {'none'} end
+if not redis.call('set', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then return {'locked'} end
+return {'claimed', record}
+"""
+
+# One round trip after it: done marker set, record gone, lock released (if still ours).
+# KEYS: outbox, done marker, lock. ARGV: job id, marker ttl s, lock owner.
+_COMPLETE = """
+redis.call('set', KEYS[2], '1', 'EX', ARGV[2])
+redis.call('hdel', KEYS[1], ARGV[1])
+if redis.call('get', KEYS[3]) == ARGV[3] then redis.call('del', KEYS[3]) end
+return 1
+"""
+
 
 class WriteBack:
     def __init__(
@@ -46,6 +69,8 @@ class WriteBack:
         self.redis = r
         self.settings = settings or get_settings()
         self._release = r.register_script(_RELEASE_LOCK)
+        self._claim = r.register_script(_CLAIM)
+        self._complete = r.register_script(_COMPLETE)
 
     # -- the final write
 
@@ -56,6 +81,14 @@ class WriteBack:
         raw = self.redis.hget(OUTBOX, job_id)
         return json.loads(raw) if raw else None
 
+    def state(self, job_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """``(is_done, pending)`` in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(DONE_PREFIX + job_id)
+        pipe.hget(OUTBOX, job_id)
+        done, raw = pipe.execute()
+        return bool(done), (json.loads(raw) if raw else None)
+
     def finalize(
         self, job_id: str, body: dict[str, Any], *, tenant: str | None = None, verify: bool = True
     ) -> Outcome:
@@ -63,37 +96,48 @@ class WriteBack:
 
         ``verify=False`` skips the backend status check before the PATCH: for a caller
         that read the job's status itself moments ago (the task, at its start). Every
-        later delivery (the flusher, a redelivered job) checks again.
+        later delivery (the flusher, a redelivered job) checks again. The caller logs
+        the outcome.
         """
         if body.get("status") not in FINAL_STATUSES:
             raise ValueError(f"a final write needs a final status, got {body.get('status')!r}")
         record = {"job_id": job_id, "tenant": tenant, "body": body, "at": time.time()}
-        self.redis.hsetnx(OUTBOX, job_id, json.dumps(record))
-        return self.deliver(job_id, verify=verify)
+        return self._deliver(job_id, json.dumps(record), verify=verify, quiet=True)
 
     def deliver(self, job_id: str, *, verify: bool = True) -> Outcome:
         """Deliver the outbox record of ``job_id``, at most once."""
-        lock_key, owner = LOCK_PREFIX + job_id, uuid.uuid4().hex
-        lock_ms = int((self.settings.backend_timeout_s * 2 + 10) * 1000)
-        if not self.redis.set(lock_key, owner, nx=True, px=lock_ms):
-            return "outboxed"  # another deliverer holds it; the record stays until done
-        try:
-            return self._deliver_locked(job_id, verify)
-        finally:
-            self._release(keys=[lock_key], args=[owner])
+        return self._deliver(job_id, "", verify=verify, quiet=False)
 
-    def _deliver_locked(self, job_id: str, verify: bool) -> Outcome:
-        record = self.pending(job_id)
-        if record is None:
-            return "already_final" if self.is_done(job_id) else "outboxed"
-        if self.is_done(job_id):
-            self.redis.hdel(OUTBOX, job_id)
+    def _deliver(self, job_id: str, new_record: str, *, verify: bool, quiet: bool) -> Outcome:
+        keys = [OUTBOX, DONE_PREFIX + job_id, LOCK_PREFIX + job_id]
+        owner = uuid.uuid4().hex
+        lock_ms = int((self.settings.backend_timeout_s * 2 + 10) * 1000)
+        claim = self._claim(keys=keys, args=[job_id, new_record, owner, lock_ms])
+        verdict = claim[0].decode() if isinstance(claim[0], bytes) else claim[0]
+        if verdict == "done":
             return "already_final"
+        if verdict != "claimed":  # no record (delivered meanwhile), or another deliverer
+            return "outboxed"
+        record = json.loads(claim[1])
+        try:
+            outcome = self._deliver_claimed(job_id, record, verify)
+        except BaseException:
+            self._release(keys=[keys[2]], args=[owner])
+            raise
+        if outcome in ("written", "already_final"):
+            self._complete(keys=keys, args=[job_id, self.settings.final_marker_ttl_s, owner])
+            if outcome == "written" and not quiet:
+                log.info("final result written", job_id=job_id, status=record["body"]["status"])
+        else:
+            self._release(keys=[keys[2]], args=[owner])
+        return outcome
+
+    def _deliver_claimed(self, job_id: str, record: dict[str, Any], verify: bool) -> Outcome:
+        """Under the job's lock: the backend status check (``verify``), then the PATCH."""
         tenant = record.get("tenant")
         try:
             current = self.backend.get_job(job_id, tenant) if verify else {}
             if current.get("status") in FINAL_STATUSES:
-                self._mark_done(job_id)
                 log.info(
                     "job already final on the backend", job_id=job_id, status=current.get("status")
                 )
@@ -113,15 +157,7 @@ class WriteBack:
                 error=str(e),
             )
             return "dead"
-        self._mark_done(job_id)
-        log.info("final result written", job_id=job_id, status=record["body"]["status"])
         return "written"
-
-    def _mark_done(self, job_id: str) -> None:
-        pipe = self.redis.pipeline()
-        pipe.set(DONE_PREFIX + job_id, "1", ex=self.settings.final_marker_ttl_s)
-        pipe.hdel(OUTBOX, job_id)
-        pipe.execute()
 
     # -- intermediate writes: best effort, never over a final status
 
