@@ -605,13 +605,13 @@ def w4(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
             sequential=True,
         )
         seq = fig.get("sequential") or []
-        fig["observed_ms"] = dist_ms(
-            [s["seen"] - s["sent"] for s in seq if s["status"] == "SUCCEEDED"]
-        )
+        ok = [s for s in seq if s["status"] == "SUCCEEDED"]
+        fig["observed_ms"] = dist_ms([s["seen"] - s["sent"] for s in ok])
         fig["recorded_ms"] = fig.get("latency_ms")
-        fig["latency_ms"] = fig["observed_ms"]
+        fig["latency_ms"] = dist_ms([s["written"] - s["sent"] for s in ok if s.get("written")])
         fig["latency_definition"] = (
-            "submit to SUCCEEDED first seen by polling the backend every 2 ms"
+            "submit to the SUCCEEDED write in the backend's write log (same host clock); "
+            "observed_ms: to the first poll (every 10 ms) that saw it"
         )
         systems.append(fig)
     bridge = systems[2]
