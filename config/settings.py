@@ -137,6 +137,11 @@ class Settings(BaseSettings):
     # A job still running after this long is marked RUNNING on the backend; 0 marks
     # every job at its start (one more backend request per job).
     running_mark_after_s: float = _env("SYNAPSE_BRIDGE_RUNNING_MARK_AFTER", default=1.0)
+    # Models in flight across all workers (the deployment's max_models_per_replica);
+    # 0: no limit. A job for a model beyond it goes back to the queue until an active
+    # model falls idle (worker/admission.py).
+    active_models: int = _env("SYNAPSE_BRIDGE_ACTIVE_MODELS", default=0)
+    model_idle_s: float = _env("SYNAPSE_BRIDGE_MODEL_IDLE", default=0.5)
     # Celery task events (what Flower shows): off by default, as in Celery (-E).
     task_events: bool = _env("SYNAPSE_BRIDGE_TASK_EVENTS", default=False)
     outbox_flush_interval_s: float = _env("SYNAPSE_BRIDGE_OUTBOX_FLUSH_INTERVAL", default=5.0)
@@ -201,7 +206,7 @@ class Settings(BaseSettings):
             raise ValueError("must be greater than 0")
         return v
 
-    @field_validator("running_mark_after_s")
+    @field_validator("running_mark_after_s", "active_models", "model_idle_s")
     @classmethod
     def _not_negative(cls, v: float) -> float:
         if v < 0:

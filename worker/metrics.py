@@ -19,6 +19,9 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 
 JOBS = Counter("synapse_jobs_total", "Jobs finished, by outcome", ["outcome"])
 RETRIES = Counter("synapse_job_retries_total", "Retries scheduled after transient errors")
+MODEL_WAITS = Counter(
+    "synapse_model_waits_total", "Jobs sent back to the queue: their model was not admitted"
+)
 DEAD_LETTERS = Counter("synapse_dead_letters_total", "Jobs sent to the dead-letter queue")
 JOB_LATENCY = Histogram(
     "synapse_job_latency_seconds", "From submit to the final write", buckets=_BUCKETS

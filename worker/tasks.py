@@ -30,6 +30,7 @@ from serve_runtime.errors import (
     ServeServerError,
 )
 from worker import metrics
+from worker.admission import ModelAdmission
 from worker.app import app
 from worker.backend_api import FINAL_STATUSES, BackendRejected, BackendUnavailable, default_backend
 from worker.batch import run_batch
@@ -98,6 +99,25 @@ def running_marks() -> RunningMarks:
     if _running_marks is None:
         _running_marks = RunningMarks(get_settings().running_mark_after_s)
     return _running_marks
+
+
+_admission: ModelAdmission | None = None
+
+
+def model_admission() -> ModelAdmission | None:
+    """The shared admission of models, when ``SYNAPSE_BRIDGE_ACTIVE_MODELS`` is set."""
+    global _admission
+    settings = get_settings()
+    if settings.active_models <= 0:
+        return None
+    if _admission is None:
+        _admission = ModelAdmission(
+            get_redis(),
+            settings.active_models,
+            idle_s=settings.model_idle_s,
+            stale_s=settings.task_time_limit_s,
+        )
+    return _admission
 
 
 _ledger: Ledger | None = None
@@ -306,6 +326,28 @@ def _run(self: Task, args: tuple[Any, ...], job: Any, unexpected: dict[str, Any]
         return {"job_id": e.job_id, "status": "INVALID"}
     _bind(msg.job_id, self, tenant=msg.tenant, model=msg.model)
     ledger().started(msg.job_id)  # from here on, the broker's redelivery covers it
+    admission = model_admission()
+    model_key = f"{msg.tenant or ''}:{msg.model}"
+    if admission is not None and not admission.enter(model_key):
+        return wait_for_model(msg)
+    try:
+        return _admitted(self, msg, started=started, attempt=attempt)
+    finally:
+        if admission is not None:
+            admission.leave(model_key)
+
+
+def wait_for_model(msg: JobMessage) -> dict[str, Any]:
+    """Back to the end of the queue (ledger first, as any send): its model must wait."""
+    from worker.submit import send_message
+
+    time.sleep(min(0.1, get_settings().model_idle_s))  # no hot loop while models drain
+    send_message(msg)
+    metrics.MODEL_WAITS.inc()
+    return {"job_id": msg.job_id, "status": "WAITING_FOR_MODEL"}
+
+
+def _admitted(self: Task, msg: JobMessage, *, started: float, attempt: int) -> dict[str, Any]:
     final = _already_final(msg)
     if final:
         return {"job_id": msg.job_id, "status": "SKIPPED"}
