@@ -447,6 +447,11 @@ def schedule_poll(
     )
 
 
+# A poll that meets a transient error costs a tenth of a retry: polls are cheap and
+# frequent, so ten failed polls in a row count as one failed attempt of the job.
+POLL_ERRORS_PER_RETRY = 10
+
+
 @app.task(name=POLL_TASK_NAME, bind=True, base=BridgeTask, acks_late=True, max_retries=None)
 def poll(
     self: Task,
@@ -463,8 +468,9 @@ def poll(
     if writeback().is_done(msg.job_id):
         return {"job_id": msg.job_id, "status": "SKIPPED"}
     settings = get_settings()
+    countdown: float | None = None  # None: the regular poll interval
     try:
-        out = default_client().poll(
+        out: Any = default_client().poll(
             msg.release.route_prefix,
             ticket,
             model=msg.model,
@@ -476,26 +482,18 @@ def poll(
         run.apply_async(kwargs={"job": job}, priority=msg.priority)
         return {"job_id": msg.job_id, "status": "RESUBMITTED"}
     except ServeError as e:
-        if _is_transient(e) and not RetryPolicy.from_settings().exhausted(polls // 10):
-            schedule_poll(
+        policy = RetryPolicy.from_settings()
+        if not _is_transient(e) or policy.exhausted(polls // POLL_ERRORS_PER_RETRY):
+            finish(
                 msg,
-                ticket,
-                first_pending_at=first_pending_at,
-                started=started,
-                attempt=attempt,
-                polls=polls + 1,
-                countdown=RetryPolicy.from_settings().delay(min(polls, 6)),
+                "FAILED",
+                error=_error_text(e),
+                metrics_record=_metrics_record(msg, started, time.time() - started, attempt),
             )
-            return {"job_id": msg.job_id, "status": "DEFERRED"}
-        finish(
-            msg,
-            "FAILED",
-            error=_error_text(e),
-            metrics_record=_metrics_record(msg, started, time.time() - started, attempt),
-        )
-        return {"job_id": msg.job_id, "status": "FAILED"}
-    if isinstance(out, Pending):
-        if time.time() - first_pending_at > settings.deferred_max_wait_s:
+            return {"job_id": msg.job_id, "status": "FAILED"}
+        out, countdown = None, policy.delay(min(polls, 6))  # poll again, backing off
+    if out is None or isinstance(out, Pending):
+        if out is not None and time.time() - first_pending_at > settings.deferred_max_wait_s:
             finish(
                 msg,
                 "FAILED",
@@ -509,6 +507,7 @@ def poll(
             started=started,
             attempt=attempt,
             polls=polls + 1,
+            countdown=countdown,
         )
         return {"job_id": msg.job_id, "status": "DEFERRED"}
     finish(
