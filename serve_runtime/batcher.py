@@ -9,9 +9,10 @@ multiplexing header, which in the compatible mode is a caller's token.
 
 Here the requests wait in one queue per model (a loaded copy, shared by its users),
 and a batch is taken only when one of ``max_concurrent_batches`` slots is free: all
-that waits for the chosen model, up to ``max_batch_size``. The model chosen is one
-whose queue is full, else the one whose oldest request is oldest. A lone request
-waits at most ``batch_wait_timeout_s`` for company, counted from its arrival.
+that waits for the chosen model, up to ``max_batch_size``. The model chosen is the one
+whose oldest request is oldest, once that request has waited ``batch_wait_timeout_s``
+for company (counted from its arrival); until then, a model whose queue is full may
+go first. Under load the models take turns, oldest first, and none starves.
 """
 
 from __future__ import annotations
@@ -99,11 +100,20 @@ class DeviceBatcher(Generic[T]):
                 await asyncio.wait_for(self._arrived.wait(), wait_s)
 
     def _choose(self) -> tuple[Hashable, float]:
-        """A full queue first, else the oldest waiting request; and when to stop waiting."""
-        full = [k for k, q in self._queues.items() if len(q) >= self.max_batch_size]
-        candidates = full or list(self._queues)
-        key = min(candidates, key=lambda k: self._queues[k][0].since)
-        return key, self._queues[key][0].since + self.batch_wait_timeout_s
+        """The model to run next, and until when its batch may wait for company.
+
+        The oldest waiting request goes first once it has waited its timeout (so under
+        load the models take turns, oldest first, and none starves); before that, a
+        full queue may go ahead of it.
+        """
+        oldest = min(self._queues, key=lambda k: self._queues[k][0].since)
+        deadline = self._queues[oldest][0].since + self.batch_wait_timeout_s
+        if deadline > time.monotonic():
+            full = [k for k, q in self._queues.items() if len(q) >= self.max_batch_size]
+            if full:
+                key = min(full, key=lambda k: self._queues[k][0].since)
+                return key, self._queues[key][0].since
+        return oldest, deadline
 
     def _drop_cancelled(self) -> None:
         for key in list(self._queues):

@@ -169,3 +169,19 @@ async def test_bad_options_are_refused() -> None:
 
     with pytest.raises(ValueError, match="max_batch_size"):
         DeviceBatcher(run, max_batch_size=0, batch_wait_timeout_s=0.0)
+
+
+async def test_under_load_the_oldest_request_goes_first_even_before_a_full_queue() -> None:
+    dev = Device()
+    b = DeviceBatcher(dev.run, max_batch_size=4, batch_wait_timeout_s=0.0)
+    dev.gate.clear()
+    busy = submit(b, "x", 0)
+    await until(lambda: len(dev.batches) == 1)
+    old = submit(b, "a", 1)  # waited past its (zero) timeout: it goes next
+    await until(lambda: b.waiting == 1)
+    full = [submit(b, "b", i) for i in range(4)]
+    await until(lambda: b.waiting == 5)
+    dev.gate.set()
+    await asyncio.gather(busy, old, *full)
+    assert [k for k, _ in dev.batches[1]] == ["a"]
+    assert [k for k, _ in dev.batches[2]] == ["b"] * 4
