@@ -191,6 +191,27 @@ def test_redelivered_message_for_a_finished_job_is_skipped(admin: Any) -> None:
     assert len(final_writes(admin, job_id)) == 1
 
 
+@pytest.mark.parametrize("kind", ["single", "batch"])
+def test_a_job_stopped_on_the_backend_is_never_written(admin: Any, kind: str) -> None:
+    # A person stopped it before a worker got to it. A single job asks the backend
+    # while it runs, a batch job before; either way nothing is written over STOPPED.
+    from worker.submit import submit
+
+    job_id = uuid.uuid4().hex
+    items = [{"inputs": ROWS}] * 3 if kind == "batch" else None
+    params: dict[str, Any] = {"model": 12, **({"items": items} if items else {"json": {}})}
+    admin.create_job(
+        id=job_id, tenant="acme", plugin_release=RELEASE, params=params, status="STOPPED"
+    )
+    body: dict[str, Any] = {"items": items} if items else {"json": {"inputs": ROWS}}
+    result = submit(
+        job_id=job_id, model=12, token=TOKENS["alice"], tenant="acme", release=RELEASE, **body
+    )
+    assert result.get(timeout=30) == {"job_id": job_id, "status": "SKIPPED"}
+    assert admin.writes(job_id) == []
+    assert admin.job(job_id)["status"] == "STOPPED"
+
+
 def test_invalid_message_is_quarantined_and_its_job_failed(admin: Any) -> None:
     from worker.app import app
     from worker.message import INVALID_QUEUE, TASK_NAME
