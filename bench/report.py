@@ -31,9 +31,11 @@ SYSTEMS_TEXT = """\
   the deployment's `max_ongoing_requests` = the same N.
 - **bridge**: this project end to end: `python -m worker.cli worker -c N` on its own
   fresh Redis, jobs sent with `worker.submit.submit`. Per job it validates the
-  message, checks Redis and the backend for an earlier final write, PATCHes RUNNING,
-  calls Serve, records the result in the Redis outbox and PATCHes it under a per-job
-  lock (effects once).
+  message, checks Redis and the backend (one GET) for an earlier final write, calls
+  Serve, records the result in the Redis outbox and PATCHes it under a per-job lock
+  (effects once; two Redis round trips around the PATCH). RUNNING is PATCHed only for
+  a job still running after 1 s (`SYNAPSE_BRIDGE_RUNNING_MARK_AFTER`), so the jobs
+  here make one GET and one PATCH, the peer two PATCHes.
 
 Bridge and peer jobs are sent by a producer subprocess as one burst after a warm-up
 (one job per (user, model) pair); throughput is `jobs / (last finished_at - first
@@ -587,7 +589,17 @@ def write_report(results_dir: Path, out_dir: Path) -> Path:
         "other load). *service p50* is started to final write of one job (a slot's busy "
         "time).",
         "",
+        "*rest*, by process (ms of CPU per job; Ray's actors by their title, the top "
+        "five; the driver is `python -m bench`, which runs the direct system's client):",
+        "",
     ]
+    for key, r in results.items():
+        for sys_ in r.get("systems", []):
+            top = list((sys_.get("rest_ms_per_job") or {}).items())[:5]
+            if top:
+                parts = ", ".join(f"{name.removeprefix('ray::')} {v:.1f}" for name, v in top)
+                lines.append(f"- {key} {sys_.get('label')}: {parts}")
+    lines.append("")
     profiles = sorted(results_dir.glob("W*-profile.*"))
     lines += ["## Profiles", ""]
     if profiles:
