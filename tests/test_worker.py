@@ -193,8 +193,8 @@ def test_redelivered_message_for_a_finished_job_is_skipped(admin: Any) -> None:
 
 @pytest.mark.parametrize("kind", ["single", "batch"])
 def test_a_job_stopped_on_the_backend_is_never_written(admin: Any, kind: str) -> None:
-    # A person stopped it before a worker got to it. A single job asks the backend
-    # while it runs, a batch job before; either way nothing is written over STOPPED.
+    # A person stopped it before a worker got to it: the worker's status check at the
+    # start skips it, and nothing is written over STOPPED.
     from worker.submit import submit
 
     job_id = uuid.uuid4().hex

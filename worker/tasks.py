@@ -11,11 +11,9 @@ worker slot.
 
 from __future__ import annotations
 
-import contextvars
 import os
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -240,53 +238,25 @@ def dead_letter(job: JobMessage, error: str, attempts: int) -> None:
     metrics.DEAD_LETTERS.inc()
 
 
-def _final_here(job: JobMessage) -> bool:
-    """Final by our own record (done marker), or computed before (outbox: delivered
-    now, never recomputed)."""
+def _already_final(job: JobMessage) -> bool | None:
+    """True when the job needs no work (final here or on the backend, or a result is
+    pending delivery); False when the backend says it is not final; None when the
+    backend could not tell (the final write will then check again)."""
     wb = writeback()
     done, pending = wb.state(job.job_id)
-    if pending is not None and not done:
+    if done:
+        return True
+    if pending is not None:  # computed before: deliver, never recompute
         wb.deliver(job.job_id)
-    return done or pending is not None
-
-
-def _final_on_backend(job: JobMessage) -> bool | None:
-    """True when the backend holds a final status (a person stopped the job, say);
-    None when it could not tell (the final write then checks again)."""
+        return True
     try:
         current = default_backend().get_job(job.job_id, job.tenant)
     except BackendUnavailable:
-        return None
+        return None  # cannot tell: run; the final write is still made once
     if current.get("status") in FINAL_STATUSES:
         log.info("job already final on the backend; skipped", status=current.get("status"))
         return True
     return False
-
-
-_status_pool: ThreadPoolExecutor | None = None
-
-
-def _ask_backend(job: JobMessage) -> Future[bool | None]:
-    """``_final_on_backend``, asked on a helper thread while a single job runs: its GET
-    is then off the job's latency. Its answer is read before any write of the job
-    (RUNNING or final); a job found final has its result dropped, unwritten."""
-    global _status_pool
-    if _status_pool is None:
-        _status_pool = ThreadPoolExecutor(
-            get_settings().worker_concurrency, thread_name_prefix="synapse-status"
-        )
-    return _status_pool.submit(contextvars.copy_context().run, _final_on_backend, job)
-
-
-def _answered(value: bool | None) -> Future[bool | None]:
-    done: Future[bool | None] = Future()
-    done.set_result(value)
-    return done
-
-
-def _mark_running(job: JobMessage, body: dict[str, Any], status: Future[bool | None]) -> None:
-    if status.result() is not True:  # never RUNNING over a status a person set
-        writeback().update(job.job_id, body, tenant=job.tenant)
 
 
 def _bind(job_id: Any, task: Task, **extra: Any) -> None:
@@ -378,34 +348,25 @@ def wait_for_model(msg: JobMessage) -> dict[str, Any]:
 
 
 def _admitted(self: Task, msg: JobMessage, *, started: float, attempt: int) -> dict[str, Any]:
-    if _final_here(msg):
+    final = _already_final(msg)
+    if final:
         return {"job_id": msg.job_id, "status": "SKIPPED"}
     if msg.expired():
         finish(msg, "FAILED", error="deadline passed before the job could run")
         return {"job_id": msg.job_id, "status": "FAILED"}
-    # A batch job is long: ask the backend first. A single job asks while it runs.
-    status = _answered(_final_on_backend(msg)) if msg.is_batch else _ask_backend(msg)
-    if status.done() and status.result():
-        return {"job_id": msg.job_id, "status": "SKIPPED"}
     running = {
         "status": "RUNNING",
         "meta": {"attempt": attempt, "task_id": self.request.id, "worker": WORKER_NAME},
     }
-    mark = running_marks().arm(partial(_mark_running, msg, running, status))
+    mark = running_marks().arm(partial(writeback().update, msg.job_id, running, tenant=msg.tenant))
     try:
-        return _attempt(self, msg, mark, started=started, attempt=attempt, status=status)
+        return _attempt(self, msg, mark, started=started, attempt=attempt, final=final)
     finally:
         mark.disarm()  # before run()'s own handler can write a final status
 
 
 def _attempt(
-    self: Task,
-    msg: JobMessage,
-    mark: Mark,
-    *,
-    started: float,
-    attempt: int,
-    status: Future[bool | None],
+    self: Task, msg: JobMessage, mark: Mark, *, started: float, attempt: int, final: bool | None
 ) -> dict[str, Any]:
     """Inference and the final write; every final write comes after ``mark.disarm()``."""
     try:
@@ -443,18 +404,14 @@ def _attempt(
             metrics_record=_metrics_record(msg, started, 0.0, attempt),
         )
         return {"job_id": msg.job_id, "status": "FAILED"}
-    final = status.result()  # the backend's answer, asked while the job ran
-    if final:
-        mark.disarm()
-        return {"job_id": msg.job_id, "status": "SKIPPED"}
     if isinstance(out, Pending):
         mark.write_now()  # running on the replica, for longer than this task
         schedule_poll(
             msg, out.ticket, first_pending_at=time.time(), started=started, attempt=attempt
         )
         return {"job_id": msg.job_id, "status": "DEFERRED"}
-    # The backend said "not final" during this attempt (False, not None): the write
-    # needs no second look, saving a GET per job.
+    # The status was read from the backend at the start of this attempt (final is
+    # False, not None): the write needs no second look, saving a GET per job.
     mark.disarm()
     finish(
         msg,
