@@ -54,8 +54,10 @@ def test_bench_quick_w1_and_w4(tmp_path: Path) -> None:
         assert _number(s["throughput"]) and s["throughput"] > 0
         assert _number(s["latency_ms"]["p50"]) and _number(s["latency_ms"]["p99"])
     assert w1["targets"] and all("met" in t for t in w1["targets"])
-    for s in w1["systems"][1:]:
-        assert s["lost"] == 0 and s["backend_patches_per_job"] == 2.0
+    peer, bridge = w1["systems"][1:]
+    assert peer["lost"] == 0 and peer["backend_patches_per_job"] == 2.0  # RUNNING + final
+    # The final write; RUNNING only for a job still running after 1 s (few or none here).
+    assert bridge["lost"] == 0 and 1.0 <= bridge["backend_patches_per_job"] < 1.5
 
     w4 = json.loads((results / "W4.json").read_text())
     assert "error" not in w4, w4.get("traceback")
