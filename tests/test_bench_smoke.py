@@ -23,7 +23,14 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REDIS_URL")}
+    # The bench starts its own stack with its own settings: nothing the other tests of
+    # this session put in the environment (their Ray, their Redis, SYNAPSE_* such as
+    # RUNNING marks at once) may leak into it.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "REDIS_URL") and not k.startswith("SYNAPSE_")
+    }
     return subprocess.run(
         [sys.executable, "-m", "bench", *args],
         cwd=str(ROOT),
