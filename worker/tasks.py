@@ -29,6 +29,7 @@ from serve_runtime.errors import (
     ServeError,
     ServeServerError,
 )
+from serve_runtime.tokens import ModelKey
 from worker import metrics
 from worker.admission import ModelAdmission
 from worker.app import app
@@ -327,7 +328,7 @@ def _run(self: Task, args: tuple[Any, ...], job: Any, unexpected: dict[str, Any]
     _bind(msg.job_id, self, tenant=msg.tenant, model=msg.model)
     ledger().started(msg.job_id)  # from here on, the broker's redelivery covers it
     admission = model_admission()
-    model_key = f"{msg.tenant or ''}:{msg.model}"
+    model_key = str(ModelKey(tenant=msg.tenant, model=str(msg.model)))  # Serve's routing key
     if admission is not None and not admission.enter(model_key):
         return wait_for_model(msg)
     try:

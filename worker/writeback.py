@@ -77,10 +77,6 @@ class WriteBack:
     def is_done(self, job_id: str) -> bool:
         return bool(self.redis.exists(DONE_PREFIX + job_id))
 
-    def pending(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.redis.hget(OUTBOX, job_id)
-        return json.loads(raw) if raw else None
-
     def state(self, job_id: str) -> tuple[bool, dict[str, Any] | None]:
         """``(is_done, pending)`` in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
@@ -119,17 +115,16 @@ class WriteBack:
         if verdict != "claimed":  # no record (delivered meanwhile), or another deliverer
             return "outboxed"
         record = json.loads(claim[1])
+        outcome: Outcome = "outboxed"  # what an exception leaves: the record stays
         try:
             outcome = self._deliver_claimed(job_id, record, verify)
-        except BaseException:
-            self._release(keys=[keys[2]], args=[owner])
-            raise
-        if outcome in ("written", "already_final"):
-            self._complete(keys=keys, args=[job_id, self.settings.final_marker_ttl_s, owner])
-            if outcome == "written" and not quiet:
-                log.info("final result written", job_id=job_id, status=record["body"]["status"])
-        else:
-            self._release(keys=[keys[2]], args=[owner])
+        finally:
+            if outcome in ("written", "already_final"):  # done marker, record gone, unlock
+                self._complete(keys=keys, args=[job_id, self.settings.final_marker_ttl_s, owner])
+            else:
+                self._release(keys=[keys[2]], args=[owner])
+        if outcome == "written" and not quiet:
+            log.info("final result written", job_id=job_id, status=record["body"]["status"])
         return outcome
 
     def _deliver_claimed(self, job_id: str, record: dict[str, Any], verify: bool) -> Outcome:
