@@ -162,6 +162,31 @@ def _target(name: str, target: str, value: Any, met: bool | None, detail: str = 
 # --- W1 -----------------------------------------------------------------------------------
 
 
+def _direct_classifier(
+    ctx: Ctx, prefix: str, n: int, pop: Population, spec: Any, concurrency: int
+) -> dict[str, Any]:
+    """``n`` direct calls to the example classifier after a warm-up (compatible mode)."""
+    return run_direct(
+        ctx,
+        job_specs(prefix, n, pop, classifier_body),
+        _warm(prefix, pop, classifier_body),
+        route_prefix=spec.route_prefix,
+        routing_mode="compatible",
+        concurrency=concurrency,
+    )
+
+
+def _all_rounds_succeeded(rounds: list[list[dict[str, Any]]], n: int) -> dict[str, Any]:
+    failures = sum((s.get("failed") or 0) + (s.get("lost") or 0) for rs in rounds for s in rs)
+    return _target(
+        "every job of every round succeeded",
+        "0 failed, 0 lost",
+        failures,
+        failures == 0,
+        f"{len(rounds)} rounds x 3 systems x {n} jobs",
+    )
+
+
 def _w1_round(
     ctx: Ctx, rnd: int, n: int, concurrency: int, pop: Population, spec: Any, release: Any
 ) -> list[dict[str, Any]]:
@@ -169,14 +194,7 @@ def _w1_round(
     mode = "compatible"
     tag = f"r{rnd}"
     log(f"W1 round {rnd}, direct: {n} calls, {concurrency} in flight")
-    direct = run_direct(
-        ctx,
-        job_specs(f"W1-direct-{tag}", n, pop, classifier_body),
-        _warm(f"W1-direct-{tag}", pop, classifier_body),
-        route_prefix=spec.route_prefix,
-        routing_mode=mode,
-        concurrency=concurrency,
-    )
+    direct = _direct_classifier(ctx, f"W1-direct-{tag}", n, pop, spec, concurrency)
     log(f"W1 round {rnd}, peer: {n} jobs")
     peer = run_queued(
         ctx,
@@ -225,7 +243,6 @@ def w1(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     by_ratio = sorted(range(n_rounds), key=lambda i: ratios[i] or 0.0)
     systems = rounds[by_ratio[n_rounds // 2]]  # the median round
     r_peer = systems[2].get("vs_peer")
-    failures = sum((s.get("failed") or 0) + (s.get("lost") or 0) for rs in rounds for s in rs)
     summary = "; ".join(
         f"round {i + 1}: direct {rs[0].get('throughput')}, peer {rs[1].get('throughput')}, "
         f"bridge {rs[2].get('throughput')} jobs/s, bridge/peer {ratios[i]}"
@@ -239,13 +256,7 @@ def w1(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
             None if r_peer is None else r_peer >= 1.0,
             f"{summary}. The table shows round {systems[0]['round']}, the median.",
         ),
-        _target(
-            "every job of every round succeeded",
-            "0 failed, 0 lost",
-            failures,
-            failures == 0,
-            f"{n_rounds} rounds x 3 systems x {n} jobs",
-        ),
+        _all_rounds_succeeded(rounds, n),
     ]
     return {
         "unit": "jobs/s",
@@ -617,14 +628,7 @@ def _w4_round(
     mode = "compatible"
     tag = f"r{rnd}"
     log(f"W4 round {rnd}, direct: {n} sequential calls")
-    direct = run_direct(
-        ctx,
-        job_specs(f"W4-direct-{tag}", n, pop, classifier_body),
-        _warm(f"W4-direct-{tag}", pop, classifier_body),
-        route_prefix=spec.route_prefix,
-        routing_mode=mode,
-        concurrency=1,
-    )
+    direct = _direct_classifier(ctx, f"W4-direct-{tag}", n, pop, spec, concurrency=1)
     systems = [direct]
     for kind in ("peer", "bridge"):
         prefix = f"W4-{kind}-{tag}"
@@ -693,18 +697,11 @@ def w4(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
         f"{rs[1]['overhead_ms']['p99']}"
         for i, rs in enumerate(rounds)
     )
-    failures = sum((s.get("failed") or 0) + (s.get("lost") or 0) for rs in rounds for s in rs)
     p50, p99 = bridge["overhead_ms"]["p50"], bridge["overhead_ms"]["p99"]
     targets = [
         _target("bridge overhead p50", "<= 10 ms", p50, None if p50 is None else p50 <= 10),
         _target("bridge overhead p99", "<= 30 ms", p99, None if p99 is None else p99 <= 30),
-        _target(
-            "every job of every round succeeded",
-            "0 failed, 0 lost",
-            failures,
-            failures == 0,
-            f"{n_rounds} rounds x 3 systems x {n} jobs",
-        ),
+        _all_rounds_succeeded(rounds, n),
     ]
     return {
         "unit": "jobs/s (one at a time)",

@@ -52,12 +52,18 @@ def submit(b: DeviceBatcher[Any], key: str, n: int) -> asyncio.Task[Any]:
     return asyncio.ensure_future(b.submit(key, (key, n)))
 
 
+async def occupy(dev: Device, b: DeviceBatcher[Any], key: str) -> asyncio.Task[Any]:
+    """Hold the device with one request (the gate shut), so what follows must wait."""
+    dev.gate.clear()
+    task = submit(b, key, 0)
+    await until(lambda: len(dev.batches) == 1)
+    return task
+
+
 async def test_requests_arriving_while_the_device_runs_make_one_full_batch() -> None:
     dev = Device()
     b = DeviceBatcher(dev.run, max_batch_size=32, batch_wait_timeout_s=0.0)
-    dev.gate.clear()
-    first = submit(b, "m", 0)
-    await until(lambda: len(dev.batches) == 1)
+    first = await occupy(dev, b, "m")
     rest = [submit(b, "m", i) for i in range(1, 41)]
     await until(lambda: b.waiting == 40)
     dev.gate.set()
@@ -70,9 +76,7 @@ async def test_requests_arriving_while_the_device_runs_make_one_full_batch() -> 
 async def test_a_batch_holds_one_model_only() -> None:
     dev = Device()
     b = DeviceBatcher(dev.run, max_batch_size=32, batch_wait_timeout_s=0.0)
-    dev.gate.clear()
-    warm = submit(b, "a", 0)
-    await until(lambda: len(dev.batches) == 1)
+    warm = await occupy(dev, b, "a")
     mixed = [submit(b, "ab"[i % 2], i) for i in range(20)]
     await until(lambda: b.waiting == 20)
     dev.gate.set()
@@ -112,9 +116,7 @@ async def test_a_lone_request_waits_for_company_until_its_deadline() -> None:
 async def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs() -> None:
     dev = Device()
     b = DeviceBatcher(dev.run, max_batch_size=8, batch_wait_timeout_s=0.0)
-    dev.gate.clear()
-    warm = submit(b, "m", 0)
-    await until(lambda: len(dev.batches) == 1)
+    warm = await occupy(dev, b, "m")
     bad = [submit(b, "m", -1), submit(b, "m", 2)]
     await until(lambda: b.waiting == 2)
     dev.gate.set()
@@ -139,9 +141,7 @@ async def test_a_wrong_number_of_results_is_an_error_not_a_shifted_answer() -> N
 async def test_a_cancelled_request_is_not_run() -> None:
     dev = Device()
     b = DeviceBatcher(dev.run, max_batch_size=8, batch_wait_timeout_s=0.0)
-    dev.gate.clear()
-    warm = submit(b, "m", 0)
-    await until(lambda: len(dev.batches) == 1)
+    warm = await occupy(dev, b, "m")
     gone, kept = submit(b, "m", 1), submit(b, "m", 2)
     await until(lambda: b.waiting == 2)
     gone.cancel()
@@ -174,9 +174,7 @@ async def test_bad_options_are_refused() -> None:
 async def test_under_load_the_oldest_request_goes_first_even_before_a_full_queue() -> None:
     dev = Device()
     b = DeviceBatcher(dev.run, max_batch_size=4, batch_wait_timeout_s=0.0)
-    dev.gate.clear()
-    busy = submit(b, "x", 0)
-    await until(lambda: len(dev.batches) == 1)
+    busy = await occupy(dev, b, "x")
     old = submit(b, "a", 1)  # waited past its (zero) timeout: it goes next
     await until(lambda: b.waiting == 1)
     full = [submit(b, "b", i) for i in range(4)]
