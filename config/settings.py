@@ -29,10 +29,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from config.errors import BridgeError
+
 CONFIG_FILE_ENV = "SYNAPSE_BRIDGE_CONFIG"
 
 
-class SettingsError(ValueError):
+class SettingsError(BridgeError, ValueError):
     """A setting is missing or invalid; the message names the variable to fix."""
 
 

@@ -9,11 +9,11 @@ Messages carry the route and status, never headers or tokens.
 
 from __future__ import annotations
 
+from config.errors import BridgeError
 
-class ServeError(Exception):
+
+class ServeError(BridgeError):
     """Base of every error from calling a serve endpoint."""
-
-    transient: bool = False
 
     def __init__(self, message: str, *, status_code: int | None = None, code: str | None = None):
         super().__init__(message)
@@ -26,7 +26,15 @@ class ServeClientError(ServeError):
 
 
 class ServeServerError(ServeError):
-    """The endpoint failed unexpectedly (5xx other than 502/503/504)."""
+    """The endpoint failed unexpectedly (5xx other than 502/503/504).
+
+    A bare 500 (a replica raising, or dying mid-request) is retried within the bound;
+    a 500 we understand (an answer that is not JSON, a bad envelope: ``code`` set) is not.
+    """
+
+    @property  # type: ignore[override]
+    def transient(self) -> bool:
+        return self.code is None
 
 
 class ServeTransientError(ServeError):

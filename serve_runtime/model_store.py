@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import structlog
 
+from config.errors import BridgeError
 from serve_runtime.archive import ArchiveError, safe_extract
 from serve_runtime.download import (
     ChecksumMismatchError,
@@ -38,14 +39,13 @@ Loader = Callable[[dict[str, Any]], Awaitable[Any]]
 Releaser = Callable[[Any, dict[str, Any]], Awaitable[None]]
 
 
-class ModelAccessError(Exception):
+class ModelAccessError(BridgeError):
     """A model cannot be served to this caller; ``status`` is the HTTP answer to give."""
 
     def __init__(self, message: str, *, status: int, code: str, transient: bool = False):
-        super().__init__(message)
+        super().__init__(message, transient=transient)
         self.status = status
         self.code = code
-        self.transient = transient
 
 
 def auth_headers(token: str, tenant: str | None) -> dict[str, str]:

@@ -14,11 +14,12 @@ from typing import Any
 import httpx
 
 from config import Settings, get_settings
+from config.errors import BridgeError
 
 FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
-class BackendError(Exception):
+class BackendError(BridgeError):
     def __init__(self, message: str, status_code: int | None = None):
         super().__init__(message)
         self.status_code = status_code
@@ -26,6 +27,8 @@ class BackendError(Exception):
 
 class BackendUnavailable(BackendError):
     """Transient: the backend could not be reached or answered 5xx/429."""
+
+    transient = True
 
 
 class BackendRejected(BackendError):
