@@ -37,3 +37,7 @@ def is_transient(exc: BaseException) -> bool:
         | ConnectionError
         | TimeoutError,
     )
+
+
+class DeadlineExceeded(BridgeError):
+    """The work ran past the time it was given (a job's time limit): not retried."""

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from config import Settings, get_settings
+from config.errors import DeadlineExceeded
 from serve_runtime.deferred import POLL_KEY, Pending, is_envelope
 from serve_runtime.errors import (
     TRANSIENT_STATUS,
@@ -96,12 +97,17 @@ class ServeClient:
         version: str | None = None,
         method: str = "post",
         backend_url: str | None = None,
+        deadline: float | None = None,
     ) -> Any:
-        """One call; returns the result or ``Pending``; raises a ``ServeError``."""
+        """One call; returns the result or ``Pending``; raises a ``ServeError``.
+
+        ``deadline`` (a ``time.monotonic()`` instant) bounds the call: past it,
+        ``DeadlineExceeded`` is raised instead of a transient timeout.
+        """
         headers = self.model_headers(
             model=model, token=token, tenant=tenant, version=version, backend_url=backend_url
         )
-        return self._request(method, route_prefix, body, headers)
+        return self._request(method, route_prefix, body, headers, deadline)
 
     def poll(
         self,
@@ -113,12 +119,13 @@ class ServeClient:
         tenant: str | None = None,
         version: str | None = None,
         backend_url: str | None = None,
+        deadline: float | None = None,
     ) -> Any:
         """Ask for a deferred result; returns it, or ``Pending`` while not ready."""
         headers = self.model_headers(
             model=model, token=token, tenant=tenant, version=version, backend_url=backend_url
         )
-        return self._request("post", route_prefix, {POLL_KEY: ticket}, headers)
+        return self._request("post", route_prefix, {POLL_KEY: ticket}, headers, deadline)
 
     def call_and_wait(
         self,
@@ -132,29 +139,60 @@ class ServeClient:
         method: str = "post",
         wait_s: float | None = None,
         backend_url: str | None = None,
+        deadline: float | None = None,
     ) -> Any:
-        """Call and, when deferred, poll until the result is ready or ``wait_s`` passes."""
-        kw = {
+        """Call and, when deferred, poll until the result is ready or ``wait_s`` passes.
+
+        ``deadline`` bounds the whole wait too (``DeadlineExceeded`` past it).
+        """
+        kw: dict[str, Any] = {
             "model": model,
             "token": token,
             "tenant": tenant,
             "version": version,
             "backend_url": backend_url,
+            "deadline": deadline,
         }
         result = self.infer(route_prefix, body, method=method, **kw)
-        deadline = None if wait_s is None else time.monotonic() + wait_s
+        wait_until = None if wait_s is None else time.monotonic() + wait_s
         while isinstance(result, Pending):
-            if deadline is not None and time.monotonic() > deadline:
+            if wait_until is not None and time.monotonic() > wait_until:
                 raise ServeTimeout(f"deferred result on {route_prefix} not ready in {wait_s}s")
-            time.sleep(self.settings.deferred_poll_interval_s)
+            pause = self.settings.deferred_poll_interval_s
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
             result = self.poll(route_prefix, result.ticket, **kw)
         return result
 
-    def _request(self, method: str, route_prefix: str, body: Any, headers: dict[str, str]) -> Any:
+    def _request(
+        self,
+        method: str,
+        route_prefix: str,
+        body: Any,
+        headers: dict[str, str],
+        deadline: float | None = None,
+    ) -> Any:
         url = f"{self.base_url}{route_prefix.rstrip('/')}/"
+        extra: dict[str, Any] = {}
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"{method.upper()} {route_prefix}: no time left")
+            s = self.settings
+            extra["timeout"] = httpx.Timeout(
+                connect=min(s.serve_connect_timeout_s, left),
+                read=min(s.serve_read_timeout_s, left),
+                write=min(s.serve_read_timeout_s, left),
+                pool=min(s.serve_connect_timeout_s, left),
+            )
         try:
-            response = self._http.request(method.upper(), url, json=body, headers=headers)
+            response = self._http.request(method.upper(), url, json=body, headers=headers, **extra)
         except httpx.TimeoutException as e:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"{method.upper()} {route_prefix}: no answer before the time limit"
+                ) from None
             raise ServeTimeout(f"{method.upper()} {route_prefix}: {type(e).__name__}") from None
         except httpx.TransportError as e:
             raise ServeConnectionError(

@@ -189,7 +189,7 @@ def probe_app(ray_serve: None) -> Any:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL when set and reachable, else a throwaway redis-server for the session."""
-    from worker.redis_server import ensure_redis
+    from devtools.redis_server import ensure_redis
 
     url, server = ensure_redis(os.environ.get("REDIS_URL"))
     yield url
@@ -223,18 +223,11 @@ def worker_env(serve_env: dict[str, str], redis_url: str, session_dir: Path) -> 
 
 
 def _reset_process_singletons() -> None:
-    from config.settings import get_settings
     from serve_runtime.client import reset_default_client
-    from worker.backend_api import reset_default_backend
-    from worker.redis_conn import reset_redis
+    from worker.services import reset_services
 
-    get_settings.cache_clear()
+    reset_services()
     reset_default_client()
-    reset_default_backend()
-    reset_redis()
-    import worker.tasks as tasks
-
-    tasks._writeback = None
 
 
 class WorkerProcess:

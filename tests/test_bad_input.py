@@ -116,7 +116,7 @@ class Rig:
 def rig(worker_env: dict[str, str], example_app: Any, probe_app: Any, session_dir: Path) -> Any:
     from tests.fault_kit import Producer
     from tests.test_security import close_producer
-    from worker.redis_server import RedisServer
+    from devtools.redis_server import RedisServer
 
     server = RedisServer().start()
     env = {**worker_env, **WORKER_OVERRIDES, "REDIS_URL": server.url, "BROKER_URL": server.url}
@@ -240,7 +240,7 @@ class Tally:
 
 def send_case(rig: Rig, case: dict[str, Any], subst: dict[str, Any]) -> None:
     from worker.message import TASK_NAME
-    from worker.tasks import safe_kwargsrepr
+    from worker.message import safe_kwargsrepr
 
     if case["kind"] == "raw":
         spec = case["raw"]
@@ -405,7 +405,7 @@ def run_case(rig: Rig, admin: Any, case: dict[str, Any]) -> Outcome:
 
 def good_job(rig: Rig, admin: Any) -> str:
     from worker.message import TASK_NAME
-    from worker.tasks import safe_kwargsrepr
+    from worker.message import safe_kwargsrepr
 
     job_id = f"good-{uuid.uuid4().hex[:12]}"
     admin.create_job(

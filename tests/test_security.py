@@ -477,7 +477,7 @@ def test_validation_errors_never_quote_a_value(field: str) -> None:
 
 def test_job_message_reprs_mask_the_token() -> None:
     from worker.message import parse_job
-    from worker.tasks import safe_kwargsrepr
+    from worker.message import safe_kwargsrepr
 
     raw = {
         "job_id": "j1",

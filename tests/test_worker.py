@@ -47,10 +47,12 @@ def send(
     release: dict | None = None,
     body: Any = None,
     items: list | None = None,
+    app: Any = None,
 ) -> None:
     from worker.submit import submit
 
     submit(
+        app=app,
         job_id=job_id,
         model=model,
         token=TOKENS[user],
@@ -149,7 +151,7 @@ def test_transient_503_is_retried_then_succeeds(admin: Any) -> None:
 
 
 def test_backend_write_failure_goes_to_outbox_then_is_delivered_once(admin: Any) -> None:
-    from worker.redis_conn import get_redis
+    from worker.services import services
     from worker.writeback import OUTBOX
 
     job_id = new_job(admin)
@@ -159,14 +161,16 @@ def test_backend_write_failure_goes_to_outbox_then_is_delivered_once(admin: Any)
     try:
         send(job_id)
         wait_for(
-            lambda: get_redis().hexists(OUTBOX, job_id), timeout=60, what="result in the outbox"
+            lambda: services().redis.hexists(OUTBOX, job_id),
+            timeout=60,
+            what="result in the outbox",
         )
         assert admin.job(job_id)["status"] == "PENDING"
     finally:
         admin.clear_faults()
     job = wait_final(admin, job_id)
     assert job["status"] == "SUCCEEDED"
-    wait_for(lambda: not get_redis().hexists(OUTBOX, job_id), what="outbox emptied")
+    wait_for(lambda: not services().redis.hexists(OUTBOX, job_id), what="outbox emptied")
     assert len(final_writes(admin, job_id)) == 1
 
 
@@ -215,24 +219,24 @@ def test_a_job_stopped_on_the_backend_is_never_written(admin: Any, kind: str) ->
 def test_invalid_message_is_quarantined_and_its_job_failed(admin: Any) -> None:
     from worker.app import app
     from worker.message import INVALID_QUEUE, TASK_NAME
-    from worker.redis_conn import get_redis
+    from worker.services import services
 
     job_id = new_job(admin)
-    before = get_redis().llen(INVALID_QUEUE)
+    before = services().redis.llen(INVALID_QUEUE)
     app.send_task(TASK_NAME, kwargs={"job": {"job_id": job_id, "token": "x", "model": 12}})
     job = wait_final(admin, job_id)
     assert job["status"] == "FAILED"
     assert "release: Field required" in job["result"]["error"]
-    wait_for(lambda: get_redis().llen(INVALID_QUEUE) > before, what="message quarantined")
+    wait_for(lambda: services().redis.llen(INVALID_QUEUE) > before, what="message quarantined")
 
 
 def test_pickle_message_is_refused_and_quarantined(admin: Any) -> None:
     from kombu import Connection
 
     from worker.message import INVALID_QUEUE, QUEUE
-    from worker.redis_conn import get_redis
+    from worker.services import services
 
-    before = get_redis().llen(INVALID_QUEUE)
+    before = services().redis.llen(INVALID_QUEUE)
     with Connection(os.environ["REDIS_URL"]) as conn:
         producer = conn.Producer(serializer="pickle")
         producer.publish(
@@ -246,7 +250,7 @@ def test_pickle_message_is_refused_and_quarantined(admin: Any) -> None:
                 "kwargsrepr": "{}",
             },
         )
-    wait_for(lambda: get_redis().llen(INVALID_QUEUE) > before, what="pickle quarantined")
+    wait_for(lambda: services().redis.llen(INVALID_QUEUE) > before, what="pickle quarantined")
     # and the worker still serves
     job_id = new_job(admin)
     send(job_id)
@@ -298,17 +302,17 @@ def test_logs_carry_job_id_and_never_a_token(admin: Any, worker_proc: WorkerProc
 
 def test_transient_errors_past_the_bound_fail_and_dead_letter(admin: Any) -> None:
     from worker.message import DLQ
-    from worker.redis_conn import get_redis
+    from worker.services import services
 
     gone = {"code": "no-such-plugin", "version": "0"}  # the proxy answers 404: transient
-    before = get_redis().llen(DLQ)
+    before = services().redis.llen(DLQ)
     job_id = new_job(admin, release=gone)
     send(job_id, release=gone)
     job = wait_final(admin, job_id, timeout=90)
     assert job["status"] == "FAILED"
     assert "gave up after 5 attempts" in job["result"]["error"]
-    wait_for(lambda: get_redis().llen(DLQ) > before, what="dead letter")
-    letters = [json.loads(m) for m in get_redis().lrange(DLQ, 0, -1)]
+    wait_for(lambda: services().redis.llen(DLQ) > before, what="dead letter")
+    letters = [json.loads(m) for m in services().redis.lrange(DLQ, 0, -1)]
     mine = [m for m in letters if m["headers"]["kwargsrepr"].find(job_id) >= 0]
     assert mine, "the job's message is in the dead-letter queue"
     assert TOKENS["alice"] not in mine[0]["headers"]["kwargsrepr"]
@@ -383,31 +387,23 @@ def test_deferred_job_does_not_hold_the_only_worker_slot(
 ) -> None:
     # A worker with one slot, on its own broker database: while the slow job is pending
     # on the replica, a quick job submitted after it runs and finishes first.
-    from tests.conftest import _reset_process_singletons
 
     url = redis_url.rsplit("/", 1)[0] + "/3"
     env = {**worker_env, "REDIS_URL": url, "SYNAPSE_BRIDGE_METRICS_PORT": "0"}
     solo = WorkerProcess(env, session_dir / "worker-solo.log", concurrency=1).start()
-    saved = os.environ["REDIS_URL"]
-    os.environ["REDIS_URL"] = url
-    _reset_process_singletons()
+    from config import load_settings
+    from worker.app import create_app
+
+    solo_app = create_app(load_settings(redis_url=url))  # the producer's app on that broker
     try:
-        import importlib
-
-        import worker.app
-
-        importlib.reload(worker.app)  # the producer's app on the solo broker
-        import worker.tasks
-
-        importlib.reload(worker.tasks)
         slow = new_job(admin, model=22, release=PROBE, body={"sleep_s": 4, "tag": "slow"})
-        send(slow, model=22, release=PROBE, body={"sleep_s": 4, "tag": "slow"})
+        send(slow, model=22, release=PROBE, body={"sleep_s": 4, "tag": "slow"}, app=solo_app)
         wait_for(
             lambda: any(w["body"].get("status") == "RUNNING" for w in admin.writes(slow)),
             what="slow job running",
         )
         quick = new_job(admin)
-        send(quick)
+        send(quick, app=solo_app)
         quick_job = wait_final(admin, quick, timeout=30)
         slow_job = admin.job(slow)
         assert quick_job["status"] == "SUCCEEDED"
@@ -415,10 +411,6 @@ def test_deferred_job_does_not_hold_the_only_worker_slot(
         assert wait_final(admin, slow)["status"] == "SUCCEEDED"
     finally:
         solo.stop()
-        os.environ["REDIS_URL"] = saved
-        _reset_process_singletons()
-        importlib.reload(worker.app)
-        importlib.reload(worker.tasks)
 
 
 RABBIT_URL = os.environ.get("SYNAPSE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")

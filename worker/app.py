@@ -66,18 +66,6 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_pool="threads",
         broker_connection_retry_on_startup=True,
         **_transport(settings.broker),
-        beat_schedule={
-            "intake": {
-                "task": "synapse.intake.poll",
-                "schedule": settings.intake_interval_s,
-                "options": {"queue": QUEUE, "expires": settings.intake_interval_s},
-            },
-            "outbox-flush": {
-                "task": "synapse.outbox.flush",
-                "schedule": settings.outbox_flush_interval_s,
-                "options": {"queue": QUEUE, "expires": settings.outbox_flush_interval_s},
-            },
-        },
         imports=["worker.tasks", "worker.lifecycle"],
     )
     return celery

@@ -15,10 +15,15 @@ from typing import Any
 import redis
 import structlog
 
-from config import Settings, get_settings
-from worker.backend_api import BackendAPI, BackendError, default_backend
+from config import Settings
+from worker.app import app
+from worker.backend_api import BackendAPI, BackendError
+from worker.ledger import Ledger
 from worker.message import InvalidJob, parse_job
 from worker.retry import RetryPolicy
+from worker.services import Services, services
+from worker.settle import Settler
+from worker.submit import send_message
 
 log = structlog.get_logger("worker.intake")
 
@@ -50,14 +55,18 @@ class Intake:
     redis: redis.Redis
     settings: Settings
     token: str
+    ledger: Ledger
+    settler: Settler
+
+    @classmethod
+    def from_services(cls, svc: Services) -> Intake:
+        settings = svc.settings
+        token = settings.access_token.get_secret_value() if settings.access_token else ""
+        return cls(svc.backend, svc.redis, settings, token, svc.ledger, Settler(app, svc))
 
     @classmethod
     def from_settings(cls) -> Intake:
-        from worker.redis_conn import get_redis
-
-        settings = get_settings()
-        token = settings.access_token.get_secret_value() if settings.access_token else ""
-        return cls(default_backend(), get_redis(), settings, token)
+        return cls.from_services(services())
 
     def claim(self, job_id: str) -> bool:
         return bool(
@@ -66,9 +75,6 @@ class Intake:
 
     def poll_once(self) -> int:
         """One pass over every page of pending jobs; returns how many were enqueued."""
-        from worker.submit import send_message
-        from worker.tasks import quarantine
-
         enqueued = 0
         for job in self.backend.iter_jobs(
             status="PENDING", action="inference", page_size=self.settings.intake_page_size
@@ -80,9 +86,9 @@ class Intake:
             try:
                 parsed = parse_job(raw)
             except InvalidJob as e:
-                quarantine(raw, str(e))
+                self.settler.quarantine(raw, str(e))
                 continue
-            send_message(parsed)
+            send_message(parsed, app=app, ledger=self.ledger)
             enqueued += 1
         if enqueued:
             log.info("intake enqueued jobs", count=enqueued)

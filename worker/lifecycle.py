@@ -1,32 +1,55 @@
-"""What a worker process starts beside its pool: logging, the outbox flusher, metrics."""
+"""What a worker process starts beside its pool: logging, housekeeping, metrics.
+
+Housekeeping is one thread per worker process: it delivers the outbox and sweeps the
+submission ledger every ``SYNAPSE_BRIDGE_OUTBOX_FLUSH_INTERVAL`` seconds.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import structlog
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from config import configure_logging, get_settings
-from worker.message import QUEUE
+from config import configure_logging
+from worker import metrics
+from worker.app import app
+from worker.broker import queued
+from worker.message import QUEUE, parse_job
+from worker.services import Services, services
+from worker.submit import send_message
+from worker.writeback import Flusher
 
 log = structlog.get_logger("worker.lifecycle")
-_flusher: Any = None
+_flusher: Flusher | None = None
+_flusher_lock = threading.Lock()
+
+
+def sweep_ledger(svc: Services) -> int:
+    """Republish jobs lost between the broker's pop and the worker's unacked record."""
+
+    def resend(wire: dict[str, Any]) -> None:
+        send_message(parse_job(wire), app=app, ledger=svc.ledger)
+
+    return svc.ledger.sweep(lambda: queued(app, QUEUE), resend, svc.writeback.is_done)
 
 
 def _start(**_: Any) -> None:
     global _flusher
-    settings = get_settings()
+    svc = services()
+    settings = svc.settings
     configure_logging(settings.log_format, settings.log_level)
-    from worker import metrics
-    from worker.tasks import sweep_ledger, writeback
-    from worker.writeback import Flusher
-
-    metrics.serve_metrics(settings.metrics_port, [QUEUE])
-    if _flusher is None:
-        _flusher = Flusher(writeback(), settings.outbox_flush_interval_s, [sweep_ledger])
-        _flusher.start()
+    metrics.serve_metrics(settings.metrics_port, [QUEUE], svc.redis)
+    with _flusher_lock:
+        if _flusher is None:
+            _flusher = Flusher(
+                svc.writeback,
+                settings.outbox_flush_interval_s,
+                [lambda: sweep_ledger(svc)],
+            )
+            _flusher.start()
     if settings.ready_file is not None:  # for probes and supervisors
         settings.ready_file.write_text(str(os.getpid()))
     log.info("worker ready", concurrency=settings.worker_concurrency)
@@ -35,7 +58,7 @@ def _start(**_: Any) -> None:
 def _stop(**_: Any) -> None:
     if _flusher is not None:
         _flusher.stop()
-    ready = get_settings().ready_file
+    ready = services().settings.ready_file
     if ready is not None:
         ready.unlink(missing_ok=True)
 

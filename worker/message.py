@@ -137,3 +137,21 @@ def parse_job(
     if max_items is not None and job.items is not None and len(job.items) > max_items:
         raise InvalidJob(f"batch has {len(job.items)} items, over the {max_items} limit", job_id)
     return job
+
+
+def redacted(raw: Any) -> Any:
+    """A copy of a message body for people (dead-letter and invalid queues): no token."""
+    if not isinstance(raw, dict):
+        return raw
+    return {k: ("[redacted]" if k == "token" else v) for k, v in raw.items()}
+
+
+def safe_kwargsrepr(kwargs: dict[str, Any] | None) -> str:
+    """What events and Flower show of a task's kwargs: never the token."""
+    job = (kwargs or {}).get("job")
+    if isinstance(job, dict):
+        return repr({"job": {k: job.get(k) for k in ("job_id", "model", "tenant")}})
+    return "{...}"
+
+
+FAIL_INVALID_TASK_NAME = "synapse.inference.fail_invalid"

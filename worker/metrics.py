@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import redis
 import structlog
 from prometheus_client import Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
+
+from worker.writeback import OUTBOX
 
 log = structlog.get_logger("worker.metrics")
 
@@ -35,17 +38,15 @@ BATCH_ITEMS = Counter("synapse_batch_items_total", "Batch items run, by outcome"
 class QueueDepth(Collector):
     """Queue lengths and the outbox size, read from Redis at scrape time."""
 
-    def __init__(self, queues: list[str]) -> None:
+    def __init__(self, queues: list[str], r: redis.Redis) -> None:
         self.queues = queues
+        self.redis = r
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from worker.redis_conn import get_redis
-        from worker.writeback import OUTBOX
-
         depth = GaugeMetricFamily("synapse_queue_depth", "Messages waiting", labels=["queue"])
         outbox = GaugeMetricFamily("synapse_outbox_size", "Results waiting to be written")
         try:
-            r = get_redis()
+            r = self.redis
             for q in self.queues:
                 total = sum(int(r.llen(name)) for name in [q, *(f"{q}:{p}" for p in range(1, 10))])
                 depth.add_metric([q], total)
@@ -60,12 +61,12 @@ class QueueDepth(Collector):
 _started = False
 
 
-def serve_metrics(port: int, queues: list[str]) -> bool:
+def serve_metrics(port: int, queues: list[str], r: redis.Redis) -> bool:
     """Start the metrics HTTP endpoint once per process."""
     global _started
     if _started or port <= 0:
         return False
-    REGISTRY.register(QueueDepth(queues))
+    REGISTRY.register(QueueDepth(queues, r))
     try:
         start_http_server(port)
     except OSError as e:

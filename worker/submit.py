@@ -8,8 +8,10 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from worker.app import app as default_app
 from worker.ledger import Ledger
-from worker.message import TASK_NAME, JobMessage, parse_job
+from worker.message import TASK_NAME, JobMessage, parse_job, safe_kwargsrepr
+from worker.services import services
 
 
 def send_message(
@@ -20,17 +22,10 @@ def send_message(
     ledger: Ledger | None = None,
 ) -> AsyncResult:
     """Record the job in the ledger, then publish it (to ``app``'s broker, default ours)."""
-    from worker.tasks import run, safe_kwargsrepr
-
+    app = app or default_app
     wire = job.wire()
-    if ledger is None:
-        from worker.tasks import ledger as default_ledger
-
-        ledger = default_ledger()
-    ledger.record(job.job_id, wire)
+    (ledger or services().ledger).record(job.job_id, wire)
     kwargs = {"job": wire}
-    if app is None:
-        return run.apply_async(kwargs=kwargs, priority=job.priority, countdown=countdown)
     return app.send_task(
         TASK_NAME,
         kwargs=kwargs,
@@ -54,6 +49,7 @@ def submit(
     priority: int = 5,
     deadline: str | None = None,
     countdown: float | None = None,
+    app: Celery | None = None,
 ) -> AsyncResult:
     """Validate and send one job to the ``inference`` queue; raises ``InvalidJob``."""
     raw: dict[str, Any] = {
@@ -73,7 +69,7 @@ def submit(
     if deadline is not None:
         raw["deadline"] = deadline
     return send_message(
-        parse_job({k: v for k, v in raw.items() if v is not None}), countdown=countdown
+        parse_job({k: v for k, v in raw.items() if v is not None}), countdown=countdown, app=app
     )
 
 

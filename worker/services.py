@@ -1,0 +1,92 @@
+"""Everything a worker process talks to, built once from ``Settings``.
+
+One object instead of a lazy global per client: tasks, steps and housekeeping take
+what they need from it, and tests reset the whole process state with one call
+(``reset_services``). Building it opens no connection; clients connect on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import redis
+
+from config import Settings, get_settings
+from serve_runtime.client import ServeClient
+from worker.admission import ModelAdmission
+from worker.backend_api import BackendAPI
+from worker.ledger import Ledger
+from worker.redis_conn import connect_redis
+from worker.retry import RetryPolicy
+from worker.running_mark import RunningMarks
+from worker.writeback import WriteBack
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    backend: BackendAPI
+    serve: ServeClient
+    writeback: WriteBack
+    ledger: Ledger
+    marks: RunningMarks
+    retry: RetryPolicy
+    admission: ModelAdmission | None
+    batch_pool: ThreadPoolExecutor
+
+    @classmethod
+    def build(cls, settings: Settings | None = None) -> Services:
+        s = settings or get_settings()
+        r = connect_redis(s.redis)
+        backend = BackendAPI(s)
+        admission = None
+        if s.active_models > 0:
+            admission = ModelAdmission(
+                r, s.active_models, idle_s=s.model_idle_s, stale_s=s.task_time_limit_s
+            )
+        return cls(
+            settings=s,
+            redis=r,
+            backend=backend,
+            serve=ServeClient(s),
+            writeback=WriteBack(backend, r, s),
+            ledger=Ledger(r, grace_s=float(s.visibility_timeout_s)),
+            marks=RunningMarks(s.running_mark_after_s),
+            retry=RetryPolicy.from_settings(s),
+            admission=admission,
+            batch_pool=ThreadPoolExecutor(
+                max_workers=max(4, s.batch_chunk_size * 2), thread_name_prefix="synapse-batch"
+            ),
+        )
+
+    def close(self) -> None:
+        self.batch_pool.shutdown(wait=False, cancel_futures=True)
+        self.serve.close()
+        self.backend.close()
+        self.redis.close()
+
+
+_current: Services | None = None
+_lock = threading.Lock()
+
+
+def services() -> Services:
+    """This process's services, built on first use from the process's settings."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Services.build()
+        return _current
+
+
+def reset_services() -> None:
+    """Close and forget the services and the cached settings (tests, reconfiguration)."""
+    global _current
+    with _lock:
+        if _current is not None:
+            _current.close()
+        _current = None
+    get_settings.cache_clear()

@@ -1,0 +1,134 @@
+"""The steps around a job's execution (see ``worker.pipeline``), one concern each."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import partial
+
+import structlog
+
+from serve_runtime.tokens import ModelKey
+from worker.admission import ModelAdmission
+from worker.backend_api import FINAL_STATUSES, BackendAPI, BackendRejected, BackendUnavailable
+from worker.ledger import Ledger
+from worker.pipeline import Deferred, Job, Outcome, Rejected, Requeued, Skipped, Step, failed
+from worker.running_mark import Mark, RunningMarks
+from worker.writeback import WriteBack
+
+log = structlog.get_logger("worker.steps")
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LedgerStarted(Step):
+    """The job started: from here the broker's redelivery covers it, not the ledger."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def before(self, job: Job) -> Outcome | None:
+        self.ledger.started(job.job_id)
+        return None
+
+
+class SkipFinished(Step):
+    """A job final here, or whose result waits in the outbox, is never computed again."""
+
+    def __init__(self, writeback: WriteBack) -> None:
+        self.writeback = writeback
+
+    def before(self, job: Job) -> Outcome | None:
+        done, pending = self.writeback.state(job.job_id)
+        if done:
+            return Skipped("already final")
+        if pending is not None:
+            self.writeback.deliver(job.job_id)
+            return Skipped("result computed before; delivered from the outbox")
+        return None
+
+
+class BackendStatus(Step):
+    """Before long work (a batch): a job final or stopped on the backend is skipped, and
+    a job the backend does not know, or not for this tenant, is a wrong message.
+
+    Single jobs skip this read: the final write checks the status anyway, and one
+    backend request per job less is worth more than the rare wasted inference.
+    """
+
+    def __init__(self, backend: BackendAPI) -> None:
+        self.backend = backend
+
+    def before(self, job: Job) -> Outcome | None:
+        try:
+            current = self.backend.get_job(job.job_id, job.msg.tenant)
+        except BackendUnavailable:
+            return None  # cannot tell: run; the final write checks again
+        except BackendRejected as e:
+            if e.status_code in (403, 404):
+                return Rejected(f"the backend refused job {job.job_id}: {e.status_code}")
+            raise
+        if current.get("status") in FINAL_STATUSES:
+            return Skipped(f"job is {current.get('status')} on the backend")
+        return None
+
+
+class MessageDeadline(Step):
+    """A job whose ``deadline`` passed while it waited is failed, not run."""
+
+    def before(self, job: Job) -> Outcome | None:
+        if job.msg.expired():
+            return failed("deadline passed before the job could run")
+        return None
+
+
+class Admission(Step):
+    """At most N models in flight across the workers (``worker.admission``)."""
+
+    def __init__(self, admission: ModelAdmission) -> None:
+        self.admission = admission
+
+    @staticmethod
+    def key(job: Job) -> str:
+        return str(ModelKey(tenant=job.msg.tenant, model=str(job.msg.model)))
+
+    def before(self, job: Job) -> Outcome | None:
+        if not self.admission.enter(self.key(job)):
+            return Requeued("model not admitted yet")
+        return None
+
+    def after(self, job: Job, outcome: Outcome) -> None:
+        self.admission.leave(self.key(job))
+
+
+class RunningMark(Step):
+    """RUNNING on the backend for jobs still running after a while (``running_mark``).
+
+    A batch is marked at once (progress writes follow); a deferred job is marked when
+    it defers (it runs on the replica for longer than this task). The mark is disarmed
+    in ``after``, so it never lands after the final write.
+    """
+
+    def __init__(self, marks: RunningMarks, writeback: WriteBack) -> None:
+        self.marks = marks
+        self.writeback = writeback
+        self._marks: dict[int, Mark] = {}
+
+    def before(self, job: Job) -> Outcome | None:
+        body = {
+            "status": "RUNNING",
+            "meta": {"attempt": job.attempt, "task_id": job.task_id, "worker": WORKER_NAME},
+        }
+        write = partial(self.writeback.update, job.job_id, body, tenant=job.msg.tenant)
+        mark = self.marks.arm(write)
+        if job.msg.is_batch:
+            mark.write_now()
+        self._marks[id(job)] = mark
+        return None
+
+    def after(self, job: Job, outcome: Outcome) -> None:
+        mark = self._marks.pop(id(job), None)
+        if mark is None:
+            return
+        if isinstance(outcome, Deferred):
+            mark.write_now()
+        mark.disarm()
