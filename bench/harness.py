@@ -1,6 +1,6 @@
 """The benchmark's shared parts: the stack, the seeded population, the three systems.
 
-- ``bench_stack``: the demo's stack (``worker.demo_env.demo_stack``: a seeded local
+- ``bench_stack``: the demo's stack (``devtools.demo_env.demo_stack``: a seeded local
   backend, a local Ray with Serve on a free port) plus the bench's own population.
 - ``run_direct``: async HTTP straight to the Serve endpoint, N in flight.
 - ``run_queued(..., BridgeSystem | PeerSystem)``: a fresh Redis, the system started on
@@ -251,9 +251,9 @@ def bench_stack(
     workload: str, workdir: Path, results_dir: Path, *, profile: bool = False
 ) -> Iterator[Ctx]:
     """The demo's stack (backend + Ray Serve on a free port), fresh for this workload."""
+    from devtools.demo_env import SERVICE_TOKEN, demo_stack
     from local_backend.client import AdminClient
     from local_backend.server import free_port
-    from worker.demo_env import SERVICE_TOKEN, demo_stack
 
     # A fresh local Ray, never one named by the environment (a test session's, say).
     for var in (
@@ -704,7 +704,7 @@ class BridgeSystem:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = self.env(redis_url)
         if self.profile_out is None:
-            from worker.demo import start_worker
+            from devtools.demo import start_worker
 
             self.proc = start_worker(self.workdir, env, self.concurrency)
             self.worker_pid = self.proc.pid
@@ -933,7 +933,7 @@ def run_queued(
     before the measured jobs are sent; returns a ``stop()`` whose result goes into the
     figures as ``during``.
     """
-    from worker.redis_server import RedisServer
+    from devtools.redis_server import RedisServer
 
     tag = prefix
     create_jobs(ctx, warm + specs, release)

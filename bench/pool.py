@@ -231,7 +231,7 @@ def tree_ticks(pid: int) -> int:
 
 
 def job_specs(prefix: str, n: int, tokens: dict[str, str]) -> list[dict[str, Any]]:
-    from worker.demo_env import DEMO_MODELS
+    from devtools.demo_env import DEMO_MODELS
 
     out = []
     for i in range(n):
@@ -358,7 +358,7 @@ def effective_pool(log: Path) -> str | None:
 
 
 def run_config(env: Env, pool: str, concurrency: int, n: int, warmup: int, tag: str) -> dict:
-    from worker.redis_server import RedisServer
+    from devtools.redis_server import RedisServer
 
     redis = RedisServer().start()
     log = env.workdir / f"worker-{tag}.log"
@@ -509,8 +509,8 @@ def run_config(env: Env, pool: str, concurrency: int, n: int, warmup: int, tag: 
 
 def warm_serve(tokens: dict[str, str]) -> float:
     """One direct call per model, so the model loads happen before any configuration."""
+    from devtools.demo_env import DEMO_MODELS
     from serve_runtime.client import default_client
-    from worker.demo_env import DEMO_MODELS
     from worker.message import Release
 
     route = Release(**RELEASE).route_prefix
@@ -829,9 +829,9 @@ def main() -> int:
         produce(args.produce)
         return 0
 
+    from devtools.demo_env import DEMO_USERS, EXAMPLE_PLUGIN, demo_stack
     from local_backend.client import AdminClient
     from serve_runtime.deploy import deploy
-    from worker.demo_env import DEMO_USERS, EXAMPLE_PLUGIN, demo_stack
 
     configs = CONFIGS
     if args.only:

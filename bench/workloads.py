@@ -128,7 +128,7 @@ def accel_body(i: int) -> dict[str, Any]:
 
 
 def _setup_classifier(ctx: Ctx, prefix: str, first_model: int) -> tuple[Population, Any]:
-    from worker.demo_env import EXAMPLE_PLUGIN
+    from devtools.demo_env import EXAMPLE_PLUGIN
 
     pop = make_population(prefix, 8, 4, first_model)
     seed_population(ctx.admin, ctx.workdir, pop)
@@ -232,7 +232,7 @@ def _w1_round(
 def w1(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     """Three rounds at full size: this machine drifts by more than the gap measured, so
     each round runs the three systems back to back and the median round is reported."""
-    from worker.demo_env import EXAMPLE_PLUGIN
+    from devtools.demo_env import EXAMPLE_PLUGIN
 
     pop, spec = _setup_classifier(ctx, "w1", 101)
     release = release_of(EXAMPLE_PLUGIN)
@@ -678,7 +678,7 @@ def w4(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     """Three rounds at full size (direct, peer, bridge back to back in each): the
     overhead is a difference of two measurements, so both come from the same minute;
     the median round (by the bridge's p50 overhead) is reported."""
-    from worker.demo_env import EXAMPLE_PLUGIN
+    from devtools.demo_env import EXAMPLE_PLUGIN
 
     pop, spec = _setup_classifier(ctx, "w4", 111)
     release = release_of(EXAMPLE_PLUGIN)
@@ -755,7 +755,7 @@ def _slope_per_10k(points: list[tuple[float, float]]) -> float | None:
 
 
 def w5(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
-    from worker.demo_env import EXAMPLE_PLUGIN
+    from devtools.demo_env import EXAMPLE_PLUGIN
 
     pop, _ = _setup_classifier(ctx, "w5", 121)
     release = release_of(EXAMPLE_PLUGIN)

@@ -114,9 +114,9 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(worker_env: dict[str, str], example_app: Any, probe_app: Any, session_dir: Path) -> Any:
+    from devtools.redis_server import RedisServer
     from tests.fault_kit import Producer
     from tests.test_security import close_producer
-    from devtools.redis_server import RedisServer
 
     server = RedisServer().start()
     env = {**worker_env, **WORKER_OVERRIDES, "REDIS_URL": server.url, "BROKER_URL": server.url}

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from devtools.redis_server import RedisServer
 from tests.conftest import EXAMPLE_PLUGIN, WorkerProcess, wait_for
 from tests.fault_kit import (
     FAULT_WORKER_ENV,
@@ -25,7 +26,6 @@ from tests.fault_kit import (
     wait_all_final,
     wait_fraction_final,
 )
-from worker.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

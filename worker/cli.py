@@ -1,17 +1,54 @@
-"""``synapse-bridge``: the one command line of the project."""
+"""``synapse-bridge``: the production command line (``worker``, ``intake``, ``serve``).
+
+Other installed packages add commands through the entry-point group
+``synapse_bridge.commands`` (name = command name, value = a click command): this
+project's ``devtools`` adds ``demo`` and ``submit``, ``local_backend`` adds ``backend``
+(pyproject.toml). Such a command is imported only when it is named (or ``--help`` lists
+it), and only when its package is installed: the worker image has neither package, so
+its CLI is this module's commands alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import sys
+import importlib.util
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import click
 
-from local_backend.cli import backend
+COMMANDS_GROUP = "synapse_bridge.commands"
 
 
-@click.group()
+def _installed(ep: EntryPoint) -> bool:
+    """Whether the entry point's top-level package is importable (checked, not imported)."""
+    return importlib.util.find_spec(ep.module.partition(".")[0]) is not None
+
+
+class BridgeCLI(click.Group):
+    """This module's commands, then those the ``synapse_bridge.commands`` entry points add."""
+
+    def _extensions(self) -> dict[str, EntryPoint]:
+        return {
+            ep.name: ep
+            for ep in entry_points(group=COMMANDS_GROUP)
+            if ep.name not in self.commands and _installed(ep)
+        }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._extensions()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and (ep := self._extensions().get(cmd_name)) is not None:
+            command = ep.load()
+            if not isinstance(command, click.Command):
+                raise TypeError(f"entry point {ep.value} ({COMMANDS_GROUP}) is not a click command")
+            self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(cls=BridgeCLI)
 def main() -> None:
     """Bridge a Celery job queue to Ray Serve (Synapse serve runtime)."""
     from config import configure_logging, get_settings
@@ -21,9 +58,6 @@ def main() -> None:
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     configure_logging(settings.log_format, settings.log_level)
-
-
-main.add_command(backend)
 
 
 @main.group()
@@ -164,116 +198,6 @@ def intake(once: bool) -> None:
         return
     with contextlib.suppress(KeyboardInterrupt):
         runner.run_forever()
-
-
-@main.command()
-@click.option("--model", required=True, help="Model id.")
-@click.option("--tenant", default=None, help="Tenant code.")
-@click.option("--json", "json_body", default=None, help="Request body (a JSON object).")
-@click.option(
-    "--file",
-    "items_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="A batch job: one JSON request body per line (JSONL).",
-)
-@click.option("--job-id", default=None, help="An existing backend job (else one is created).")
-@click.option("--release-checksum", envvar="SYNAPSE_PLUGIN_RELEASE_CHECKSUM", default=None)
-@click.option("--release-code", envvar="SYNAPSE_PLUGIN_RELEASE_CODE", default=None)
-@click.option("--release-version", default=None)
-@click.option(
-    "--plugin-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Take code@version from this plugin's config.yaml.",
-)
-@click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True)
-@click.option(
-    "--admin-token",
-    envvar="SYNAPSE_BACKEND_ADMIN_TOKEN",
-    default=None,
-    help="Local backend admin token, to create the job.",
-)
-def submit(
-    model: str,
-    tenant: str | None,
-    json_body: str | None,
-    items_file: Path | None,
-    job_id: str | None,
-    release_checksum: str | None,
-    release_code: str | None,
-    release_version: str | None,
-    plugin_dir: Path | None,
-    priority: int,
-    admin_token: str | None,
-) -> None:
-    """Submit one inference job (or a batch job from a JSONL file)."""
-    from worker.cli_submit import submit_from_cli
-
-    try:
-        out = submit_from_cli(
-            model=model,
-            tenant=tenant,
-            json_body=json_body,
-            items_file=items_file,
-            job_id=job_id,
-            release_checksum=release_checksum,
-            release_code=release_code,
-            release_version=release_version,
-            plugin_dir=plugin_dir,
-            priority=priority,
-            admin_token=admin_token,
-        )
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(out)
-
-
-@main.command()
-@click.option("--jobs", default=300, show_default=True, help="Single jobs to submit.")
-@click.option(
-    "--batch-items", default=200, show_default=True, help="Items of the one batch job (0: none)."
-)
-@click.option("--concurrency", default=16, show_default=True, help="Worker threads.")
-@click.option(
-    "--serve-calls",
-    default=100,
-    show_default=True,
-    help="Warm infer_remote calls measured before the jobs.",
-)
-@click.option(
-    "--serve-port",
-    default=8100,
-    show_default=True,
-    help="Serve HTTP port (a free one is used when busy).",
-)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Keep the demo's files (logs, backend DB) here; default: a temp dir.",
-)
-def demo(
-    jobs: int,
-    batch_items: int,
-    concurrency: int,
-    serve_calls: int,
-    serve_port: int,
-    workdir: Path | None,
-) -> None:
-    """Run the end-to-end demo on embedded defaults; stops all it starts."""
-    from worker.demo import run_demo
-
-    sys.exit(
-        run_demo(
-            jobs=jobs,
-            batch_items=batch_items,
-            concurrency=concurrency,
-            serve_calls=serve_calls,
-            workdir=workdir,
-            serve_port=serve_port,
-        )
-    )
 
 
 if __name__ == "__main__":

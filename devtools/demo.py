@@ -24,7 +24,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.demo_env import DEMO_MODELS, DEMO_USERS, EXAMPLE_PLUGIN, demo_stack
+from config.settings import get_settings
+from devtools.demo_env import DEMO_MODELS, DEMO_USERS, EXAMPLE_PLUGIN, demo_stack
+from devtools.redis_server import ensure_redis
+from local_backend.client import AdminClient
+from serve_runtime.remote import infer_remote
 
 ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
 RELEASE = {"code": "example-classifier", "version": "1.0.0"}
@@ -46,9 +50,6 @@ def _user_for(tenant: str) -> tuple[str, str]:
 
 def serve_figures(console: Console, spec: Any, calls: int) -> dict[str, float]:
     """infer_remote straight to the deployment: the first call loads, the rest are warm."""
-    from config import get_settings
-    from serve_runtime.remote import infer_remote
-
     env = {
         "SYNAPSE_HOST": get_settings().require_backend_url(),
         "SYNAPSE_PLUGIN_RELEASE_CHECKSUM": spec.route_prefix.lstrip("/"),
@@ -147,16 +148,13 @@ def run_demo(
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="synapse-demo-")))
-        from worker.redis_server import ensure_redis
-
         with console.status("starting Redis, the local backend and Ray Serve..."):
             redis_url, server = ensure_redis(os.environ.get("REDIS_URL"))
             if server is not None:
                 stack.callback(server.close)
             os.environ["REDIS_URL"] = redis_url
             env_stack = stack.enter_context(demo_stack(workdir, serve_port=serve_port))
-        from local_backend.client import AdminClient
-        from serve_runtime.deploy import deploy
+        from serve_runtime.deploy import deploy  # Ray: seconds to import, so not for --help
 
         assert env_stack.backend is not None
         console.print(
@@ -181,9 +179,9 @@ def run_demo(
             worker = start_worker(workdir, worker_env, concurrency)
         stack.callback(_stop, worker)
 
-        from config.settings import get_settings
-
         get_settings.cache_clear()
+        # worker.app builds its Celery app from the settings at import: import it only
+        # now that REDIS_URL names the Redis above.
         from worker.submit import submit
 
         admin = stack.enter_context(AdminClient(env_stack.backend.url))

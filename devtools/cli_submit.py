@@ -1,4 +1,4 @@
-"""``synapse-bridge submit``: turn command-line input into a job on the backend and a message."""
+"""``synapse-bridge submit``: a job on the local backend from command-line input, enqueued."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from config import get_settings, load_plugin_config
+from local_backend import DEFAULT_ADMIN_TOKEN
+from local_backend.client import AdminClient
+from worker.submit import submit
 
 
 def _release(
@@ -57,8 +60,6 @@ def submit_from_cli(
     priority: int,
     admin_token: str | None,
 ) -> str:
-    from worker.submit import submit
-
     if (json_body is None) == (items_file is None):
         raise ValueError("give exactly one of --json or --file")
     body: dict[str, Any] | None = None
@@ -80,9 +81,6 @@ def submit_from_cli(
         raise ValueError("set SYNAPSE_ACCESS_TOKEN to the token the job runs with")
     model_id: int | str = int(model) if model.isdigit() else model
     if job_id is None:
-        from local_backend import DEFAULT_ADMIN_TOKEN
-        from local_backend.client import AdminClient
-
         params: dict[str, Any] = {"model": model_id, "method": "post"}
         params["items" if items is not None else "json"] = items if items is not None else body
         with AdminClient(settings.require_backend_url(), admin_token or DEFAULT_ADMIN_TOKEN) as a:
