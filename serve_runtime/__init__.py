@@ -1,12 +1,18 @@
 """The serve runtime: the Synapse SDK's serve API on Ray Serve, hardened.
 
+This module imports only the light, client-side modules (no Ray, no FastAPI): the worker
+imports ``serve_runtime`` and its image has neither. The server side is imported from
+its own modules, by plugins and by ``synapse-bridge serve deploy``::
+
+    from serve_runtime.deployment import BaseServeDeployment, BatchItem   # a plugin
+    from serve_runtime.deploy import deploy                               # Ray Serve
+
 Nothing here imports Celery; ``worker`` depends on this package, not the reverse.
 """
 
 from serve_runtime.action import ActionNotFound, BaseAction, discover_action
 from serve_runtime.client import ServeClient, default_client
 from serve_runtime.deferred import DeferredResults, Pending, deferrable
-from serve_runtime.deployment import BaseServeDeployment, BatchItem
 from serve_runtime.errors import (
     ServeClientError,
     ServeConnectionError,
@@ -25,8 +31,6 @@ from serve_runtime.tokens import (
 __all__ = [
     "ActionNotFound",
     "BaseAction",
-    "BaseServeDeployment",
-    "BatchItem",
     "DeferredResults",
     "ModelKey",
     "Pending",

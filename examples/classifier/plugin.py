@@ -6,7 +6,8 @@ import numpy as np
 from fastapi import FastAPI, HTTPException
 
 from examples.classifier.model import ModelInputError, SoftmaxClassifier, to_matrix
-from serve_runtime import BaseServeDeployment, BatchItem, deferrable
+from serve_runtime import deferrable
+from serve_runtime.deployment import BaseServeDeployment, BatchItem
 
 app = FastAPI(title="example classifier")
 

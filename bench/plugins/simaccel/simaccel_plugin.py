@@ -31,7 +31,7 @@ from typing import Any
 from fastapi import FastAPI
 
 import serve_runtime.deployment as runtime_deployment
-from serve_runtime import BaseServeDeployment, BatchItem
+from serve_runtime.deployment import BaseServeDeployment, BatchItem
 from serve_runtime.model_store import ModelAccessError
 
 # This module travels by value (deploy() registers it with cloudpickle): a global it

@@ -9,7 +9,8 @@ from typing import Any
 
 from fastapi import FastAPI, Response
 
-from serve_runtime import BaseServeDeployment, BatchItem, deferrable
+from serve_runtime import deferrable
+from serve_runtime.deployment import BaseServeDeployment, BatchItem
 
 app = FastAPI()
 
@@ -55,6 +56,8 @@ class ProbeDeployment(BaseServeDeployment):
     async def infer_batch(self, requests: list[BatchItem]) -> list[Any]:
         out = []
         for r in requests:
+            if r.body.get("count"):  # counted: how often this item was computed
+                record("infer", count=r.body["count"])
             if r.body.get("sleep_s"):
                 await asyncio.sleep(float(r.body["sleep_s"]))
             if r.body.get("fail"):
