@@ -15,7 +15,15 @@ call acts in as ``Synapse-Tenant: Token <code>`` (a bare code is accepted too).
 Order of checks, as in DRF: 401, then 404 (unknown object), then 403, then 400 (body).
 
 Errors are ``{"detail": ...}``; a bad body (unknown field, bad status) also names the
-fields in ``{"fields": {name: [message]}}``. Only accepted PATCHes go to the write log.
+fields in ``{"fields": {name: [message]}}``.
+
+A job's status only moves forward (``db.refusal``): a PATCH over SUCCEEDED, FAILED or
+STOPPED, or one that would move a status back, answers **409**
+``{"detail": "job is STOPPED; RUNNING refused", "status": "STOPPED"}`` and changes
+nothing. Checks run 401, 404, 403, 400, then 409. Accepted PATCHes and 409-refused ones
+go to the write log (the latter flagged ``refused``); other rejected ones (400, 403) do
+not. A user stops a job with ``PATCH jobs/{id}/ {"status": "STOPPED"}``; the admin API
+has ``POST _admin/jobs/{id}/stop/``.
 
 ``GET jobs/`` pages like DRF: ``page`` (from 1) and ``page_size`` (default 100, at most
 1000); a page past the end answers 404 (``page=1`` of an empty list is 200).
@@ -37,13 +45,22 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
 from local_backend import DEFAULT_ADMIN_TOKEN
-from local_backend.db import JOB_STATUSES, JOB_WRITABLE_FIELDS, Database, Model, User
+from local_backend.db import (
+    JOB_STATUSES,
+    JOB_WRITABLE_FIELDS,
+    Database,
+    Model,
+    TransitionRefused,
+    User,
+)
 from local_backend.faults import FaultMiddleware, FaultState, parse_faults
 from local_backend.seed import JobSpec, SeedSpec, apply_seed, models_dir
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MEDIA_TYPES = {"zip": "application/zip", "tar": "application/x-tar", "tar.gz": "application/gzip"}
+
+ADMIN_USER = "_admin"  # the write log's ``user`` for writes made through ``_admin/``
 
 _jobs_adapter = TypeAdapter(list[JobSpec])
 
@@ -285,7 +302,15 @@ def create_app(
                 f"Invalid status {body['status']!r}; expected one of {', '.join(JOB_STATUSES)}.",
                 {"status": ["Invalid choice."]},
             )
-        job = db.patch_job(job_id, body)
+        return write_job(job_id, body, user.name)
+
+    def write_job(job_id: str, body: dict[str, Any], user: str) -> dict[str, Any]:
+        try:
+            job = db.patch_job(job_id, body, user=user)
+        except TransitionRefused as exc:
+            raise HTTPException(
+                status_code=409, detail={"detail": exc.detail, "status": exc.status}
+            ) from None
         if job is None:
             raise _error(404, "Not found.")
         return job
@@ -361,17 +386,28 @@ def create_app(
         return job
 
     @app.get("/_admin/jobs/{job_id}/writes/")
-    def admin_job_writes(job_id: str, request: Request) -> list[dict[str, Any]]:
+    def admin_job_writes(
+        job_id: str, request: Request, refused: bool | None = None
+    ) -> list[dict[str, Any]]:
+        """The write log, accepted and refused PATCHes; ``?refused=false|true`` filters."""
         require_admin(request)
         if db.get_job(job_id) is None:
             raise _error(404, "Not found.")
-        return db.job_writes(job_id)
+        return db.job_writes(job_id, refused=refused)
+
+    @app.post("/_admin/jobs/{job_id}/stop/")
+    def admin_stop_job(job_id: str, request: Request) -> dict[str, Any]:
+        """Stop (cancel) a job, as a person would: PENDING, QUEUED or RUNNING -> STOPPED.
+        Same rule and write log as a PATCH (user ``_admin``); a final job answers 409."""
+        require_admin(request)
+        return write_job(job_id, {"status": "STOPPED"}, ADMIN_USER)
 
     @app.post("/_admin/writes/summary/")
     def admin_write_summary(
         request: Request, job_ids: list[str] | None = None
     ) -> dict[str, dict[str, Any]]:
-        """Status, PATCH count and final-write count per job (all jobs, or those listed)."""
+        """Per job (all, or those listed): status, ``writes`` and ``final_writes`` (accepted
+        PATCHes), ``refused`` and ``refused_final`` (409-refused ones)."""
         require_admin(request)
         return db.write_summary(job_ids)
 

@@ -69,12 +69,20 @@ class AdminClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"_admin/jobs/{job_id}/")
 
-    def writes(self, job_id: str) -> list[dict[str, Any]]:
-        """The job's write log: ``[{"seq", "time", "body", "status"}]``, oldest first."""
-        return self._call("GET", f"_admin/jobs/{job_id}/writes/")
+    def writes(self, job_id: str, refused: bool | None = None) -> list[dict[str, Any]]:
+        """The job's write log, oldest first: ``[{"seq", "time", "body", "status",
+        "refused", "code", "user"}]``, accepted and 409-refused PATCHes alike;
+        ``refused=False`` keeps the accepted ones only, ``True`` the refused ones."""
+        params = {} if refused is None else {"refused": str(refused).lower()}
+        return self._call("GET", f"_admin/jobs/{job_id}/writes/", params=params)
+
+    def stop_job(self, job_id: str) -> dict[str, Any]:
+        """Stop (cancel) a job: PENDING/QUEUED/RUNNING -> STOPPED; 409 if it is final."""
+        return self._call("POST", f"_admin/jobs/{job_id}/stop/")
 
     def write_summary(self, job_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
-        """``{job_id: {"status", "writes", "final_writes"}}`` for the jobs listed (or all)."""
+        """``{job_id: {"status", "writes", "final_writes", "refused", "refused_final"}}``
+        for the jobs listed (or all); ``writes``/``final_writes`` count accepted PATCHes."""
         return self._call("POST", "_admin/writes/summary/", json=job_ids)
 
     def logs(self, job_id: str | None = None) -> list[dict[str, Any]]:
@@ -92,7 +100,8 @@ class AdminClient:
         return self._call("DELETE", "_admin/faults/")
 
     def stats(self) -> dict[str, Any]:
-        """Jobs by status, PATCH count, downloads (total, per model), model GETs per model."""
+        """Jobs by status, PATCH counts (``patches`` accepted, ``patches_refused``),
+        downloads (total, per model), model GETs per model."""
         return self._call("GET", "_admin/stats/")
 
     def reset_stats(self) -> dict[str, Any]:

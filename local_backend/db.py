@@ -7,6 +7,13 @@ one connection guarded by a lock keeps that simple and correct (the load here is
 and each :meth:`Database.tx` block is one transaction.
 
 JSON-valued job fields are stored as JSON text; times are ISO 8601 UTC strings.
+
+A job's status only moves forward (:func:`refusal` has the rule): PENDING -> QUEUED ->
+RUNNING -> one of SUCCEEDED, FAILED, STOPPED, skipping forward allowed. Nothing is
+written over a final status, and no status moves back. A refused PATCH changes nothing
+but is still appended to the write log (``refused=1``, ``code=409``), so tests can count
+every attempt; :meth:`Database.patch_job` raises :class:`TransitionRefused` after
+committing that entry.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ from typing import Any
 
 DB_FILE_NAME = "backend.sqlite3"
 
-JOB_STATUSES = ("PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
+JOB_STATUSES = ("PENDING", "QUEUED", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
+FINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
+STATUS_RANK = {"PENDING": 0, "QUEUED": 1, "RUNNING": 2, "SUCCEEDED": 3, "FAILED": 3, "STOPPED": 3}
+REFUSED_CODE = 409
 JOB_JSON_FIELDS = (
     "plugin_release",
     "params",
@@ -95,7 +105,10 @@ CREATE TABLE IF NOT EXISTS job_writes (
     job_id TEXT NOT NULL,
     time TEXT NOT NULL,
     body TEXT NOT NULL,
-    status TEXT NOT NULL
+    status TEXT NOT NULL,
+    refused INTEGER NOT NULL DEFAULT 0,
+    code INTEGER NOT NULL DEFAULT 200,
+    user TEXT
 );
 CREATE INDEX IF NOT EXISTS job_writes_by_job ON job_writes (job_id, seq);
 CREATE TABLE IF NOT EXISTS logs (
@@ -113,6 +126,40 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 """
+
+
+# Columns added to job_writes after the first release: (name, declaration), for old stores.
+_JOB_WRITES_ADDED = (
+    ("refused", "INTEGER NOT NULL DEFAULT 0"),
+    ("code", "INTEGER NOT NULL DEFAULT 200"),
+    ("user", "TEXT"),
+)
+
+
+class TransitionRefused(Exception):
+    """A PATCH the status rule refuses; ``status`` is the job's current status."""
+
+    def __init__(self, detail: str, status: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+
+
+def refusal(current: str, changes: dict[str, Any]) -> str | None:
+    """Why a PATCH of ``changes`` on a job in ``current`` is refused, or None if allowed.
+
+    Over a final status (SUCCEEDED, FAILED, STOPPED) every PATCH is refused, whatever it
+    carries (status, result, progress_record, even an empty body). Otherwise a status may
+    stay or move forward (PENDING -> QUEUED -> RUNNING -> final; skipping is allowed), and
+    never back (RUNNING never replaces QUEUED's successors, PENDING never replaces RUNNING).
+    """
+    new = changes.get("status")
+    if current in FINAL_STATUSES:
+        what = new if new is not None else "a write of " + (", ".join(sorted(changes)) or "nothing")
+        return f"job is {current}; {what} refused"
+    if new is not None and STATUS_RANK[new] < STATUS_RANK.get(current, 0):
+        return f"job is {current}; {new} refused"
+    return None
 
 
 def now_iso() -> str:
@@ -168,6 +215,10 @@ class Database:
         self._conn.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._conn.executescript(SCHEMA)
+            have = {r["name"] for r in self._conn.execute("PRAGMA table_info(job_writes)")}
+            for name, decl in _JOB_WRITES_ADDED:
+                if name not in have:  # a store made before the column existed
+                    self._conn.execute(f"ALTER TABLE job_writes ADD COLUMN {name} {decl}")
 
     @classmethod
     def in_dir(cls, data_dir: Path) -> Database:
@@ -379,50 +430,89 @@ class Database:
             rows = self._conn.execute(sql, page_args).fetchall()
         return count, [self._job_from_row(r) for r in rows]
 
-    def patch_job(self, job_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
-        """Apply a validated PATCH body and append it to the job's write log, atomically."""
+    def patch_job(
+        self, job_id: str, changes: dict[str, Any], user: str | None = None
+    ) -> dict[str, Any] | None:
+        """Apply a validated PATCH body and append it to the job's write log, atomically.
+
+        None when the job does not exist. When :func:`refusal` refuses it, nothing of the
+        job changes, the attempt is logged (``refused=1``, ``code=409``, ``status`` = the
+        current status) and :class:`TransitionRefused` is raised once that is committed.
+        """
         now = now_iso()
         sets = ["updated=?"]
         args: list[Any] = [now]
         for field, value in changes.items():
             if field not in JOB_WRITABLE_FIELDS:
                 raise ValueError(f"not writable: {field}")
+            if field == "status" and value not in JOB_STATUSES:
+                raise ValueError(f"unknown status: {value!r}")
             sets.append(f"{field}=?")
             args.append(value if field == "status" else json.dumps(value))
+        refused: TransitionRefused | None = None
         with self.tx() as c:
-            cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", [*args, job_id])
-            if cur.rowcount == 0:
+            cur = c.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if cur is None:
                 return None
-            row = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            c.execute(
-                "INSERT INTO job_writes(job_id, time, body, status) VALUES (?, ?, ?, ?)",
-                (job_id, now, json.dumps(changes), row["status"]),
-            )
-            self._bump(c, "patches")
+            reason = refusal(cur["status"], changes)
+            if reason is not None:
+                refused = TransitionRefused(reason, cur["status"])
+                row = None
+                c.execute(
+                    "INSERT INTO job_writes(job_id, time, body, status, refused, code, user) "
+                    "VALUES (?, ?, ?, ?, 1, ?, ?)",
+                    (job_id, now, json.dumps(changes), cur["status"], REFUSED_CODE, user),
+                )
+                self._bump(c, "patches_refused")
+            else:
+                c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", [*args, job_id])
+                row = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+                c.execute(
+                    "INSERT INTO job_writes(job_id, time, body, status, refused, code, user) "
+                    "VALUES (?, ?, ?, ?, 0, 200, ?)",
+                    (job_id, now, json.dumps(changes), row["status"], user),
+                )
+                self._bump(c, "patches")
+        if refused is not None:
+            raise refused
+        assert row is not None
         return self._job_from_row(row)
 
-    def job_writes(self, job_id: str) -> list[dict[str, Any]]:
+    def job_writes(self, job_id: str, refused: bool | None = None) -> list[dict[str, Any]]:
+        """The job's write log, oldest first: accepted and refused PATCHes (``refused``
+        True/False keeps only those). ``status`` is the job's status after the write (for
+        a refused one: the status that refused it)."""
+        sql = "SELECT seq, time, body, status, refused, code, user FROM job_writes WHERE job_id=?"
+        args: list[Any] = [job_id]
+        if refused is not None:
+            sql += " AND refused=?"
+            args.append(int(refused))
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT seq, time, body, status FROM job_writes WHERE job_id=? ORDER BY seq",
-                (job_id,),
-            ).fetchall()
+            rows = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
         return [
             {
                 "seq": r["seq"],
                 "time": r["time"],
                 "body": json.loads(r["body"]),
                 "status": r["status"],
+                "refused": bool(r["refused"]),
+                "code": r["code"],
+                "user": r["user"],
             }
             for r in rows
         ]
 
     def write_summary(self, job_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
-        """Per job: its status, how many PATCHes it had, and how many set a final status."""
+        """Per job: its status; ``writes`` (accepted PATCHes) and ``final_writes`` (accepted
+        ones that set a final status), as before refusals existed; ``refused`` (refused
+        PATCHes) and ``refused_final`` (refused ones that tried to set a final status)."""
+        final = "json_extract(w.body, '$.status') IN ('SUCCEEDED','FAILED','STOPPED')"
         query = (
-            "SELECT j.id AS id, j.status AS status, COUNT(w.seq) AS writes, "
-            "SUM(CASE WHEN json_extract(w.body, '$.status') IN ('SUCCEEDED','FAILED','STOPPED')"
-            " THEN 1 ELSE 0 END) AS final_writes "
+            "SELECT j.id AS id, j.status AS status, "
+            "SUM(CASE WHEN w.refused = 0 THEN 1 ELSE 0 END) AS writes, "
+            f"SUM(CASE WHEN w.refused = 0 AND {final} THEN 1 ELSE 0 END) AS final_writes, "
+            "SUM(CASE WHEN w.refused = 1 THEN 1 ELSE 0 END) AS refused, "
+            f"SUM(CASE WHEN w.refused = 1 AND {final} THEN 1 ELSE 0 END) AS refused_final "
             "FROM jobs j LEFT JOIN job_writes w ON w.job_id = j.id"
         )
         params: list[Any] = []
@@ -435,8 +525,10 @@ class Database:
         return {
             r["id"]: {
                 "status": r["status"],
-                "writes": r["writes"],
+                "writes": r["writes"] or 0,
                 "final_writes": r["final_writes"] or 0,
+                "refused": r["refused"] or 0,
+                "refused_final": r["refused_final"] or 0,
             }
             for r in rows
         }
@@ -512,6 +604,7 @@ class Database:
             "jobs": by_status,
             "jobs_total": sum(by_status.values()),
             "patches": counters.get("patches", 0),
+            "patches_refused": counters.get("patches_refused", 0),
             "downloads": counters.get("downloads", 0),
             "downloads_by_model": per_model("downloads:"),
             "model_gets": per_model("model_gets:"),

@@ -2,7 +2,9 @@
 
 A rule matches requests by path prefix (relative to the base URL, e.g. ``"jobs/"``) and
 method, and can add latency, answer 503 (``outage``), answer an error status for a share
-of requests (``error_rate``), or drop the connection for a share (``drop_rate``). The
+of requests (``error_rate``), drop the connection for a share (``drop_rate``), serve a
+share but answer their 2xx with a body that is not JSON (``non_json_rate``), or refuse
+bodies over a size with 413 (``max_body_bytes``). The
 ``_admin/`` and ``health/`` paths are never faulted, so a test can always switch faults
 off again. Latency is an ``asyncio.sleep`` in the middleware: it delays only the faulted
 request, never the others.
@@ -16,6 +18,14 @@ connection. This reaches into uvicorn (h11 and httptools alike); if the transpor
 be found (another server, or uvicorn changed), the closest real behaviour is used
 instead: a response head promising a body that never comes, then the server closes the
 connection (the client sees an incomplete response).
+
+``non_json_rate``: the request is served as usual (a PATCH is applied and logged), then
+its answer, when the app's status is 2xx, keeps that status but its body is replaced by
+a short HTML page (``text/html``), as a misconfigured proxy would; a non-2xx answer passes
+unchanged. ``max_body_bytes``: the body is read (and counted) before the app sees it; over
+the limit the answer is 413 ``{"detail": "...", "size": n, "limit": m}`` and the app
+never runs; otherwise the buffered body is handed on unchanged. Both are marked with
+the ``Synapse-Fault`` header (``non-json``, ``too-large``).
 
 Rules are kept in memory (a restart forgets them); they can also be given at start
 (``serve --faults`` / ``SYNAPSE_BACKEND_FAULTS``: JSON text or a JSON/YAML file).
@@ -37,11 +47,13 @@ log = logging.getLogger("local_backend.faults")
 
 EXEMPT_PREFIXES = ("_admin/", "_admin", "health/", "health")
 FAULT_HEADER = b"synapse-fault"
+NON_JSON_BODY = b"<html><body><h1>OK</h1></body></html>\n"
 
 
 class FaultRule(BaseModel):
-    """One rule. Every matching rule adds its latency; the first rule that decides an
-    outcome (outage, drop, error) wins."""
+    """One rule. Every matching rule adds its latency and its ``max_body_bytes`` (the
+    smallest applies); the first rule that decides an outcome (outage, drop, error,
+    non_json, rolled in that order within a rule) wins."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,6 +64,12 @@ class FaultRule(BaseModel):
     error_status: int = Field(500, ge=400, le=599)
     drop_rate: float = Field(0.0, ge=0, le=1)
     outage: bool = False
+    non_json_rate: float = Field(
+        0.0, ge=0, le=1, description="share served, with a 2xx answer body that is not JSON"
+    )
+    max_body_bytes: int | None = Field(
+        None, ge=0, description="request bodies over this many bytes answer 413"
+    )
     limit: int | None = Field(None, ge=1, description="apply to the first N matches only")
 
     @field_validator("path_prefix")
@@ -103,8 +121,9 @@ def load_faults(text_or_path: str) -> FaultConfig:
 @dataclass
 class Decision:
     latency_s: float = 0.0
-    outcome: str | None = None  # None | "outage" | "drop" | "error"
+    outcome: str | None = None  # None | "outage" | "drop" | "error" | "non_json"
     status: int = 200
+    max_body_bytes: int | None = None
 
 
 class FaultState:
@@ -142,6 +161,10 @@ class FaultState:
                 continue
             self.hits[i] += 1
             d.latency_s += rule.latency_ms / 1000.0
+            if rule.max_body_bytes is not None and (
+                d.max_body_bytes is None or rule.max_body_bytes < d.max_body_bytes
+            ):
+                d.max_body_bytes = rule.max_body_bytes
             if d.outcome is not None:
                 continue
             if rule.outage:
@@ -150,6 +173,8 @@ class FaultState:
                 d.outcome = "drop"
             elif rule.error_rate and self.rng.random() < rule.error_rate:
                 d.outcome, d.status = "error", rule.error_status
+            elif rule.non_json_rate and self.rng.random() < rule.non_json_rate:
+                d.outcome = "non_json"
         return d
 
 
@@ -172,7 +197,16 @@ class FaultMiddleware:
         d = self.state.decide(scope["method"], path.lstrip("/"))
         if d.latency_s > 0:
             await asyncio.sleep(d.latency_s)
-        if d.outcome is None:
+        if d.outcome in (None, "non_json"):
+            if d.max_body_bytes is not None:
+                size, receive = await _read_body(receive)
+                if size > d.max_body_bytes:
+                    detail = f"Request body is {size} bytes; the limit is {d.max_body_bytes} bytes."
+                    body = {"detail": detail, "size": size, "limit": d.max_body_bytes}
+                    await _answer(send, 413, body, b"too-large")
+                    return
+            if d.outcome == "non_json":
+                send = _non_json_send(send)
             await self.app(scope, receive, send)
         elif d.outcome == "drop":
             await _drop(receive, send)
@@ -182,16 +216,74 @@ class FaultMiddleware:
                 if d.outcome == "outage"
                 else (f"Injected fault: {d.status}")
             )
-            body = json.dumps({"detail": detail}).encode()
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (FAULT_HEADER, d.outcome.encode()),
+            extra = [(b"retry-after", b"1")] if d.outcome == "outage" else []
+            await _answer(send, d.status, {"detail": detail}, d.outcome.encode(), extra)
+
+
+async def _answer(
+    send: Any,
+    status: int,
+    content: dict[str, Any],
+    fault: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """A whole JSON answer, marked with the fault header."""
+    body = json.dumps(content).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (FAULT_HEADER, fault),
+        *(extra or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Any) -> tuple[int, Any]:
+    """Read the whole request body; its size and a ``receive`` that replays it (then
+    hands on to the server's own, for the disconnect)."""
+    chunks: list[bytes] = []
+    replay: list[dict[str, Any]] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            replay.append(message)
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replay.insert(0, {"type": "http.request", "body": body, "more_body": False})
+
+    async def replaying() -> dict[str, Any]:
+        return replay.pop(0) if replay else await receive()
+
+    return len(body), replaying
+
+
+def _non_json_send(send: Any) -> Any:
+    """``send`` that keeps a 2xx status but replaces the body with ``NON_JSON_BODY``."""
+    garble = False
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        nonlocal garble
+        if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
+            garble = True
+            skip = (b"content-type", b"content-length")
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in skip]
+            headers += [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(NON_JSON_BODY)).encode()),
+                (FAULT_HEADER, b"non-json"),
             ]
-            if d.outcome == "outage":
-                headers.append((b"retry-after", b"1"))
-            await send({"type": "http.response.start", "status": d.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and garble:
+            if message.get("more_body", False):
+                return  # the app's body is dropped; ours goes with its last part
+            message = {"type": "http.response.body", "body": NON_JSON_BODY}
+        await send(message)
+
+    return wrapped
 
 
 def _find_transport(send: Any) -> Any:

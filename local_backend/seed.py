@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from local_backend.db import Database
 
-JobStatus = Literal["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
+JobStatus = Literal["PENDING", "QUEUED", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
 
 ARCHIVE_SUFFIXES = {".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar": "tar", ".zip": "zip"}
 

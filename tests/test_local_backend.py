@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import threading
 import time
@@ -385,6 +386,191 @@ def test_logs(http: httpx.Client, admin: AdminClient) -> None:
     assert r.status_code == 403
 
 
+# -- status rule: forward only, nothing over a final status --------------------------------
+
+
+def patch(http: httpx.Client, job_id: str, body: Any) -> httpx.Response:
+    return http.patch(f"/jobs/{job_id}/", headers=auth_headers(ALICE, "acme"), json=body)
+
+
+def test_patch_over_stopped_is_refused_and_logged(http: httpx.Client, admin: AdminClient) -> None:
+    job_id = new_job(admin)["id"]
+    stats_before = admin.stats()
+    assert (
+        patch(http, job_id, {"status": "RUNNING", "progress_record": {"done": 1}}).status_code
+        == 200
+    )
+    assert patch(http, job_id, {"status": "STOPPED"}).status_code == 200  # a user cancels
+
+    attempts = [
+        {"status": "RUNNING"},
+        {"status": "SUCCEEDED", "result": [{"label": "cat"}]},
+        {"progress_record": {"done": 2}},  # no status: refused all the same
+        {"status": "STOPPED"},  # not even the same final status again
+    ]
+    for body in attempts:
+        r = patch(http, job_id, body)
+        assert r.status_code == 409, body
+        assert r.json()["status"] == "STOPPED"
+        assert r.json()["detail"].startswith("job is STOPPED;")
+    r = patch(http, job_id, {"status": "RUNNING"})
+    assert r.json() == {"detail": "job is STOPPED; RUNNING refused", "status": "STOPPED"}
+
+    job = admin.job(job_id)
+    assert job["status"] == "STOPPED"
+    assert job["result"] is None
+    assert job["progress_record"] == {"done": 1}
+
+    writes = admin.writes(job_id)
+    assert [(w["refused"], w["code"], w["status"]) for w in writes] == [
+        (False, 200, "RUNNING"),
+        (False, 200, "STOPPED"),
+        *[(True, 409, "STOPPED")] * 5,
+    ]
+    assert [w["body"] for w in writes[2:6]] == attempts
+    assert all(w["user"] == "alice" for w in writes)
+    assert [w["seq"] for w in admin.writes(job_id, refused=False)] == [w["seq"] for w in writes[:2]]
+    assert [w["seq"] for w in admin.writes(job_id, refused=True)] == [w["seq"] for w in writes[2:]]
+
+    summary = admin.write_summary([job_id])[job_id]
+    assert summary == {
+        "status": "STOPPED",
+        "writes": 2,  # accepted only, as before
+        "final_writes": 1,
+        "refused": 5,
+        "refused_final": 2,  # the SUCCEEDED and the second STOPPED
+    }
+    stats = admin.stats()
+    assert stats["patches"] == stats_before["patches"] + 2
+    assert stats["patches_refused"] == stats_before["patches_refused"] + 5
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (["FAILED"], "SUCCEEDED"),
+        (["RUNNING", "SUCCEEDED"], "RUNNING"),
+        (["SUCCEEDED"], "FAILED"),
+        (["SUCCEEDED"], "SUCCEEDED"),
+        (["RUNNING"], "PENDING"),
+        (["RUNNING"], "QUEUED"),
+        (["QUEUED"], "PENDING"),
+    ],
+)
+def test_backward_or_over_final_is_refused(
+    http: httpx.Client, admin: AdminClient, first: list[str], then: str
+) -> None:
+    job_id = new_job(admin)["id"]
+    for status in first:
+        assert patch(http, job_id, {"status": status}).status_code == 200
+    current = first[-1]
+    r = patch(http, job_id, {"status": then, "result": {"late": True}})
+    assert r.status_code == 409
+    assert r.json() == {"detail": f"job is {current}; {then} refused", "status": current}
+    job = admin.job(job_id)
+    assert job["status"] == current
+    assert job["result"] is None
+    last = admin.writes(job_id)[-1]
+    assert last["refused"] is True and last["code"] == 409 and last["body"]["status"] == then
+    assert len(admin.writes(job_id, refused=False)) == len(first)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ["QUEUED", "RUNNING", "SUCCEEDED"],
+        ["SUCCEEDED"],  # skipping forward
+        ["FAILED"],
+        ["QUEUED", "FAILED"],
+        ["PENDING", "QUEUED", "QUEUED", "RUNNING", "RUNNING", "STOPPED"],  # staying is fine
+        ["STOPPED"],
+        ["QUEUED", "STOPPED"],
+    ],
+)
+def test_forward_moves_are_accepted(
+    http: httpx.Client, admin: AdminClient, path: list[str]
+) -> None:
+    job_id = new_job(admin)["id"]
+    for i, status in enumerate(path):
+        r = patch(http, job_id, {"status": status, "progress_record": {"step": i}})
+        assert r.status_code == 200, (status, r.text)
+        assert r.json()["status"] == status
+    assert admin.job(job_id)["progress_record"] == {"step": len(path) - 1}
+    assert admin.write_summary([job_id])[job_id]["refused"] == 0
+    # progress without a status while not final is fine too (checked on a fresh job)
+    other = new_job(admin)["id"]
+    assert patch(http, other, {"progress_record": {"done": 3}}).status_code == 200
+
+
+@pytest.mark.parametrize("before", [[], ["QUEUED"], ["RUNNING"]])
+def test_admin_stop_from_any_live_status(
+    http: httpx.Client, admin: AdminClient, before: list[str]
+) -> None:
+    job_id = new_job(admin)["id"]
+    for status in before:
+        assert patch(http, job_id, {"status": status}).status_code == 200
+    assert admin.stop_job(job_id)["status"] == "STOPPED"
+    last = admin.writes(job_id)[-1]
+    assert (last["body"], last["user"], last["refused"]) == ({"status": "STOPPED"}, "_admin", False)
+    assert patch(http, job_id, {"status": "SUCCEEDED"}).status_code == 409  # the worker, late
+
+    with pytest.raises(httpx.HTTPStatusError) as err:
+        admin.stop_job(job_id)  # already final: refused like any other write
+    assert err.value.response.status_code == 409
+    assert err.value.response.json()["status"] == "STOPPED"
+    summary = admin.write_summary([job_id])[job_id]
+    assert (summary["final_writes"], summary["refused"], summary["refused_final"]) == (1, 2, 2)
+
+
+def test_admin_stop_of_a_finished_job_is_refused(http: httpx.Client, admin: AdminClient) -> None:
+    job_id = new_job(admin)["id"]
+    assert patch(http, job_id, {"status": "SUCCEEDED", "result": [1]}).status_code == 200
+    with pytest.raises(httpx.HTTPStatusError) as err:
+        admin.stop_job(job_id)
+    assert err.value.response.status_code == 409
+    assert err.value.response.json() == {
+        "detail": "job is SUCCEEDED; STOPPED refused",
+        "status": "SUCCEEDED",
+    }
+    assert admin.job(job_id)["status"] == "SUCCEEDED"
+    with pytest.raises(httpx.HTTPStatusError) as err:
+        admin.stop_job("no-such-job")
+    assert err.value.response.status_code == 404
+
+
+def test_bad_body_is_400_before_409(http: httpx.Client, admin: AdminClient) -> None:
+    job_id = new_job(admin, status="SUCCEEDED")["id"]
+    assert patch(http, job_id, {"status": "DONE"}).status_code == 400
+    assert patch(http, job_id, {"bogus": 1}).status_code == 400
+    assert admin.writes(job_id) == []  # 400s are not attempts at a write
+
+
+def test_old_store_gains_the_write_log_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE job_writes (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,"
+        " time TEXT NOT NULL, body TEXT NOT NULL, status TEXT NOT NULL);"
+        "INSERT INTO job_writes(job_id, time, body, status)"
+        " VALUES ('j1', '2024-01-01T00:00:00Z', '{\"status\": \"RUNNING\"}', 'RUNNING');"
+    )
+    conn.close()
+    db = Database(path)
+    try:
+        db.insert_job({"id": "j1", "status": "RUNNING", "tenant": "acme", "action": "inference"})
+        db.patch_job("j1", {"status": "FAILED"}, user="svc")
+        writes = db.job_writes("j1")
+        assert [(w["status"], w["refused"], w["code"], w["user"]) for w in writes] == [
+            ("RUNNING", False, 200, None),
+            ("FAILED", False, 200, "svc"),
+        ]
+        assert db.write_summary(["j1"])["j1"]["final_writes"] == 1
+    finally:
+        db.close()
+
+
 # -- faults -----------------------------------------------------------------------------
 
 
@@ -472,6 +658,103 @@ def test_fault_rules_are_validated(faults: AdminClient) -> None:
     assert err.value.response.status_code == 400
     with pytest.raises(httpx.HTTPStatusError):
         faults.set_faults([{"path": "jobs/"}])  # unknown key
+    assert faults.faults()["rules"] == []
+
+
+def test_fault_max_body_bytes_answers_413(
+    http: httpx.Client, faults: AdminClient, backend: BackendProcess
+) -> None:
+    job_id = new_job(faults)["id"]
+    h = auth_headers(ALICE, "acme")
+    faults.set_faults([{"path_prefix": "jobs/", "methods": ["PATCH"], "max_body_bytes": 200}])
+
+    big = json.dumps({"status": "SUCCEEDED", "result": "x" * 500}).encode()
+    r = http.patch(
+        f"/jobs/{job_id}/", headers={**h, "Content-Type": "application/json"}, content=big
+    )
+    assert r.status_code == 413
+    assert r.headers["synapse-fault"] == "too-large"
+    assert r.json()["size"] == len(big)
+    assert r.json()["limit"] == 200
+    assert f"{len(big)} bytes" in r.json()["detail"]
+    assert "200 bytes" in r.json()["detail"]
+
+    # chunked (no Content-Length): counted as read
+    r = http.patch(
+        f"/jobs/{job_id}/",
+        headers={**h, "Content-Type": "application/json"},
+        content=iter([big[:100], big[100:]]),
+    )
+    assert r.status_code == 413
+    assert r.json()["size"] == len(big)
+    assert faults.writes(job_id) == []  # the app never saw them
+    assert faults.job(job_id)["status"] == "PENDING"
+
+    # at the limit, and chunked under it: the body reaches the app intact
+    exact = json.dumps({"status": "RUNNING", "meta": {"pad": ""}}).encode()
+    exact = exact.replace(b'"pad": ""', b'"pad": "' + b"p" * (200 - len(exact)) + b'"')
+    assert len(exact) == 200
+    r = http.patch(
+        f"/jobs/{job_id}/", headers={**h, "Content-Type": "application/json"}, content=exact
+    )
+    assert r.status_code == 200, r.text
+    small = b'{"progress_record": {"done": 7}}'
+    r = http.patch(
+        f"/jobs/{job_id}/",
+        headers={**h, "Content-Type": "application/json"},
+        content=iter([small[:5], small[5:]]),
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["progress_record"] == {"done": 7}
+    assert faults.faults()["rules"][0]["hits"] == 4
+    # other methods are not limited by a PATCH rule
+    assert http.get(f"/jobs/{job_id}/", headers=h).status_code == 200
+
+
+def test_fault_non_json_2xx_answer(http: httpx.Client, faults: AdminClient) -> None:
+    job_id = new_job(faults)["id"]
+    faults.set_faults(
+        [{"path_prefix": "jobs/", "methods": ["PATCH"], "non_json_rate": 1.0, "limit": 2}]
+    )
+    r = patch(http, job_id, {"status": "RUNNING"})
+    assert r.status_code == 200
+    assert r.headers["synapse-fault"] == "non-json"
+    assert r.headers["content-type"].startswith("text/html")
+    with pytest.raises(json.JSONDecodeError):
+        r.json()
+    assert faults.job(job_id)["status"] == "RUNNING"  # served: the write happened
+    assert len(faults.writes(job_id)) == 1
+
+    # a non-2xx answer passes unchanged (still JSON), and counts as the rule's second hit
+    assert patch(http, job_id, {"status": "PENDING"}).json()["status"] == "RUNNING"
+    # past the limit: plain JSON again
+    r = patch(http, job_id, {"status": "SUCCEEDED"})
+    assert r.status_code == 200
+    assert "synapse-fault" not in r.headers
+    assert r.json()["status"] == "SUCCEEDED"
+    assert faults.faults()["rules"][0]["hits"] == 2
+
+
+def test_fault_non_json_rate_is_a_share(http: httpx.Client, faults: AdminClient) -> None:
+    faults.set_faults([{"path_prefix": "models/", "non_json_rate": 0.5}], seed=7)
+    h = auth_headers(ALICE)
+    garbled = sum("synapse-fault" in http.get("/models/12/", headers=h).headers for _ in range(40))
+    assert 5 <= garbled <= 35  # seeded; neither none nor all
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"non_json_rate": 1.5},
+        {"non_json_rate": -0.1},
+        {"max_body_bytes": -1},
+        {"max_body": 10},
+    ],
+)
+def test_new_fault_knobs_are_validated(faults: AdminClient, rule: dict[str, Any]) -> None:
+    with pytest.raises(httpx.HTTPStatusError) as err:
+        faults.set_faults([{"path_prefix": "jobs/", **rule}])
+    assert err.value.response.status_code == 400
     assert faults.faults()["rules"] == []
 
 
