@@ -1,6 +1,6 @@
 """Settings, the plugin config.yaml model, route prefixes and logging setup."""
 
-from config.logging import configure_logging, get_logger, redact, redact_text
+from config.logging import configure_logging, redact, redact_text
 from config.plugin import PluginConfig, PluginConfigError, load_plugin_config
 from config.route_prefix import RoutePrefixError, prefix_for_release, resolve_route_prefix
 from config.settings import Settings, SettingsError, get_settings, load_settings
@@ -12,7 +12,6 @@ __all__ = [
     "Settings",
     "SettingsError",
     "configure_logging",
-    "get_logger",
     "get_settings",
     "load_plugin_config",
     "load_settings",

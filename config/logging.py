@@ -120,7 +120,3 @@ def configure_logging(fmt: str = "console", level: str = "INFO", *, force: bool 
     for name in ("celery.worker.strategy", "celery.app.trace"):
         logging.getLogger(name).setLevel(quiet)
     _configured = True
-
-
-def get_logger(name: str | None = None, **bound: Any) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name, **bound)

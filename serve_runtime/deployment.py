@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import structlog
 from fastapi import FastAPI, HTTPException
 
-from config import configure_logging, get_settings, resolve_route_prefix
+from config import configure_logging, get_settings
 from serve_runtime.action import BaseAction
 from serve_runtime.batcher import DeviceBatcher
 from serve_runtime.deferred import DeferredResults
@@ -302,9 +302,4 @@ class BaseServeDeployment(BaseAction):
         }
 
 
-def default_route_prefix() -> str:
-    """The route prefix this process would call or serve (SDK order)."""
-    return resolve_route_prefix()
-
-
-__all__ = ["BaseServeDeployment", "BatchItem", "default_route_prefix", "get_settings"]
+__all__ = ["BaseServeDeployment", "BatchItem", "get_settings"]
