@@ -163,7 +163,7 @@ def count(admin: Any, jobs: list[Job]) -> Counts:
                 c.failures.append(str(admin.job(j.job_id).get("result") or {})[:300])
         else:
             c.lost += 1
-        if s["final_writes"] > 1:
+        if s["final_writes"] + s.get("refused_final", 0) > 1:  # attempts count too
             c.written_twice += 1
     return c
 
@@ -222,6 +222,62 @@ def record(
         "at": time.strftime("%Y-%m-%d %H:%M:%S"),
         **{k: v for k, v in asdict(counts).items() if k != "failures"},
         **(extra or {}),
+    }
+    with OUT.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# --- adversarial paths (tests/test_adversarial.py): one row per path
+
+
+@dataclass
+class PathCounts:
+    jobs: int
+    lost: int = 0  # never left PENDING/QUEUED
+    stuck: int = 0  # left RUNNING with nothing to move it
+    written_twice: int = 0  # more than one accepted final write
+    cancel_overwritten: int = 0  # writes attempted (accepted or 409-refused) after a stop
+    tokens_found: int = 0
+
+
+def path_counts(
+    admin: Any,
+    job_ids: list[str],
+    *,
+    stopped: set[str] | None = None,
+    tokens_found: int = 0,
+) -> PathCounts:
+    """Counts from the backend's write log, refused (409) attempts included."""
+    c = PathCounts(jobs=len(job_ids), tokens_found=tokens_found)
+    for job_id in job_ids:
+        status = admin.job(job_id)["status"]
+        if status in ("PENDING", "QUEUED"):
+            c.lost += 1
+        elif status == "RUNNING":
+            c.stuck += 1
+        writes = admin.writes(job_id)
+        finals = [
+            w
+            for w in writes
+            if not w.get("refused") and w["body"].get("status") in ("SUCCEEDED", "FAILED")
+        ]
+        if len(finals) > 1:
+            c.written_twice += 1
+        if stopped and job_id in stopped:
+            stop_seq = min(w["seq"] for w in writes if w["body"].get("status") == "STOPPED")
+            c.cancel_overwritten += sum(1 for w in writes if w["seq"] > stop_seq)
+    return c
+
+
+def record_path(path: str, counts: PathCounts, fault: str) -> None:
+    """Append one adversarial path's counts for docs/reliability.md."""
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    row = {
+        "kind": "path",
+        "scenario": path,
+        "faults": fault,
+        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **asdict(counts),
     }
     with OUT.open("a") as f:
         f.write(json.dumps(row) + "\n")

@@ -104,10 +104,12 @@ def _handle(
     except (Retry, Ignore, Reject):
         raise
     except Exception as e:
-        return _settle_failed(task, settler, job, e)
+        return _settle_failed(settler, job, e, pause_s=svc.retry.delay(1))
 
 
-def _settle_failed(task: Task, settler: Settler, job: Job | None, e: Exception) -> dict[str, Any]:
+def _settle_failed(
+    settler: Settler, job: Job | None, e: Exception, pause_s: float
+) -> dict[str, Any]:
     """The outcome could not be carried out. A transient cause (Redis, the broker)
     puts the message back on the queue; any other gets one try at a FAILED write
     first, so a bug cannot send the same message round for ever."""
@@ -120,6 +122,7 @@ def _settle_failed(task: Task, settler: Settler, job: Job | None, e: Exception) 
         except Exception as again:
             text = error_text(again)
     log.error("could not settle the job; its message goes back to the queue", error=text)
+    time.sleep(pause_s)  # no hot loop while Redis or the broker misbehave
     raise Reject(text, requeue=True) from None
 
 
