@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     # model falls idle (worker/admission.py).
     active_models: int = _env("SYNAPSE_BRIDGE_ACTIVE_MODELS", default=0)
     model_idle_s: float = _env("SYNAPSE_BRIDGE_MODEL_IDLE", default=0.5)
+    # A model waiting longer than this makes the models active at least as long drain
+    # (no starvation); 0: never. How long the next model's job is held while a slot
+    # drains for it, before it is re-published.
+    model_max_wait_s: float = _env("SYNAPSE_BRIDGE_MODEL_MAX_WAIT", default=60.0)
+    model_turn_wait_s: float = _env("SYNAPSE_BRIDGE_MODEL_TURN_WAIT", default=10.0)
     # Celery task events (what Flower shows): off by default, as in Celery (-E).
     task_events: bool = _env("SYNAPSE_BRIDGE_TASK_EVENTS", default=False)
     outbox_flush_interval_s: float = _env("SYNAPSE_BRIDGE_OUTBOX_FLUSH_INTERVAL", default=5.0)
@@ -208,7 +213,13 @@ class Settings(BaseSettings):
             raise ValueError("must be greater than 0")
         return v
 
-    @field_validator("running_mark_after_s", "active_models", "model_idle_s")
+    @field_validator(
+        "running_mark_after_s",
+        "active_models",
+        "model_idle_s",
+        "model_max_wait_s",
+        "model_turn_wait_s",
+    )
     @classmethod
     def _not_negative(cls, v: float) -> float:
         if v < 0:
