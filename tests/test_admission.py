@@ -385,3 +385,73 @@ def test_waves_keep_loads_low_and_every_model_gets_in(
 def test_capacity_must_be_positive(make: Callable[..., ModelAdmission]) -> None:
     with pytest.raises(ValueError, match="capacity"):
         make(0)
+
+
+# --- end to end: real workers, real Serve (needs the pipeline wired to this API)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_workers_with_admission_load_each_model_once_per_wave(
+    admin: Any,
+    worker_env: dict[str, str],
+    redis_url: str,
+    session_dir: Any,
+    probe_app: Any,
+) -> None:
+    # W3 in small: two worker processes (4 threads each) with admission at the probe's
+    # bound (1 replica x 2 models), 80 jobs over 4 models in random order. Waves load
+    # each model about once; a thrashing LRU loads on most switches (dozens).
+    import importlib
+    import os
+
+    from tests.conftest import WorkerProcess, _reset_process_singletons
+    from tests.test_serve_e2e import stats
+    from tests.test_worker import PROBE, new_job, send, wait_final
+
+    url = redis_url.rsplit("/", 1)[0] + "/4"  # a broker of its own: no other worker
+    env = {
+        **worker_env,
+        "REDIS_URL": url,
+        "SYNAPSE_BRIDGE_METRICS_PORT": "0",
+        "SYNAPSE_BRIDGE_ACTIVE_MODELS": "2",
+        "SYNAPSE_BRIDGE_MODEL_IDLE": "0.3",
+        "SYNAPSE_BRIDGE_MODEL_MAX_WAIT": "30",
+    }
+    redis.Redis.from_url(url).flushdb()
+    models = [14, 15, 21, 22]
+    before = stats(probe_app.app_name)["loads"]
+    workers = [
+        WorkerProcess(env, session_dir / f"worker-admission-{i}.log", concurrency=4).start()
+        for i in range(2)
+    ]
+    saved = os.environ["REDIS_URL"]
+    os.environ["REDIS_URL"] = url
+    _reset_process_singletons()
+    import worker.app
+    import worker.tasks
+
+    try:
+        importlib.reload(worker.app)  # the producer's app on this broker
+        importlib.reload(worker.tasks)
+        rnd = random.Random(11)
+        jobs = []
+        for i in range(80):
+            model = rnd.choice(models)
+            body = {"sleep_s": 0.02, "tag": f"adm-{i}"}
+            job_id = new_job(admin, model=model, release=PROBE, body=body)
+            send(job_id, model=model, release=PROBE, body=body)
+            jobs.append(job_id)
+        finals = [wait_final(admin, j, timeout=240) for j in jobs]
+        assert [f["status"] for f in finals] == ["SUCCEEDED"] * len(jobs)
+        loads = stats(probe_app.app_name)["loads"] - before
+        assert loads <= 2 * len(models), f"{loads} loads for {len(models)} models"
+        a = ModelAdmission(redis.Redis.from_url(url), 2)
+        assert all(n == 0 for n in a.snapshot()["active"].values())  # no lease left
+    finally:
+        for w in workers:
+            w.stop()
+        os.environ["REDIS_URL"] = saved
+        _reset_process_singletons()
+        importlib.reload(worker.app)
+        importlib.reload(worker.tasks)
