@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     max_download_bytes: int = _env("SYNAPSE_BRIDGE_MAX_DOWNLOAD_BYTES", default=2 * 1024**3)
     max_unpacked_bytes: int = _env("SYNAPSE_BRIDGE_MAX_UNPACKED_BYTES", default=8 * 1024**3)
     auth_cache_ttl_s: float = _env("SYNAPSE_BRIDGE_AUTH_CACHE_TTL", default=30.0)
+    # The worker: one backend call's total deadline, first byte sent to last byte read
+    # (the write-back's job lock outlives three of them). The replicas: their timeout.
     backend_timeout_s: float = _env("SYNAPSE_BRIDGE_BACKEND_TIMEOUT", default=30.0)
 
     # --- Broker and worker.
