@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -223,8 +222,3 @@ class FakeBackend:
         ):
             return detail(409, f"job is {job['status']}; refused", status=job["status"])
         return 200, json.dumps({**job, **body}).encode(), body
-
-
-def running(fake: FakeBackend, method: str) -> Iterator[Entry]:
-    """Requests of ``method`` still in flight (answer not fully out yet)."""
-    return (e for e in fake.entries(method) if e.ended is None)

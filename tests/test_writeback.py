@@ -144,6 +144,12 @@ def test_backend_api_makes_every_non_transport_failure_a_non_transient_error(
             assert not is_transient(e.value), what
             assert TOKEN not in str(e.value), what
 
+        # A `next` link httpx cannot even parse (InvalidURL, not a transport error).
+        fake.script("GET", code=200, raw=b'{"results": [{"id": "j-1"}], "next": "http://[::1/"}')
+        with pytest.raises(api.BackendError) as e:
+            list(backend.iter_jobs(status="PENDING", action="inference"))
+        assert not is_transient(e.value)
+
         fake.script("GET", code=503)
         with pytest.raises(api.BackendError) as e:
             backend.get_job("j-1", "acme")
