@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     ready_file: Path | None = _env("SYNAPSE_BRIDGE_READY_FILE")
     store_results: bool = _env("SYNAPSE_BRIDGE_STORE_RESULTS", default=False)
     max_message_bytes: int = _env("SYNAPSE_BRIDGE_MAX_MESSAGE_BYTES", default=8 * 1024 * 1024)
+    # The key job tokens are sealed with in every message the bridge publishes
+    # (worker/sealing.py): a Fernet key, or `new,old` while rotating; unset: one
+    # derived from SYNAPSE_ACCESS_TOKEN.
+    sealing_key: SecretStr | None = _env("SYNAPSE_BRIDGE_SEALING_KEY")
 
     # --- Logs.
     log_format: Literal["json", "console"] = _env("SYNAPSE_BRIDGE_LOG_FORMAT", default="console")

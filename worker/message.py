@@ -2,7 +2,11 @@
 
 An invalid message is never retried: it is quarantined on ``inference.invalid`` and,
 when a job id can be read from it, the job is marked FAILED with the validation error.
-The user token is a secret: masked in reprs, never logged, never in a result.
+The user token is a secret: masked in reprs, never logged, never in a result. In
+memory (``JobMessage.token``) it is plain, for the one call that needs it; in every
+message we publish (``JobMessage.wire()``) it is sealed (``worker.sealing``); a plain
+token from an outside producer parses too. ``redacted`` makes the copies people read
+(dead-letter and invalid queues): no token at all, sealed or plain.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    field_serializer,
     model_validator,
 )
 
 from config import prefix_for_release
+from config.logging import SECRET_KEYS, redact_text
+from worker.sealing import Sealer, UnsealError, is_sealed
+from worker.sealing import sealer as default_sealer
 
 TASK_NAME = "synapse.inference.run"
 POLL_TASK_NAME = "synapse.inference.poll"
@@ -86,10 +92,6 @@ class JobMessage(BaseModel):
             raise ValueError("model must be a non-empty id")
         return self
 
-    @field_serializer("token", when_used="json")
-    def _reveal_for_the_wire(self, token: SecretStr) -> str:
-        return token.get_secret_value()
-
     @property
     def is_batch(self) -> bool:
         return self.items is not None
@@ -100,9 +102,14 @@ class JobMessage(BaseModel):
         deadline = self.deadline if self.deadline.tzinfo else self.deadline.replace(tzinfo=UTC)
         return (now or time.time()) > deadline.timestamp()
 
-    def wire(self) -> dict[str, Any]:
-        """The JSON-safe message body (token included: it goes to the broker only)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+    def wire(self, sealer: Sealer | None = None) -> dict[str, Any]:
+        """The JSON-safe message body for the broker and the ledger: the token sealed.
+
+        ``sealer`` defaults to the process's (``worker.sealing.sealer()``, from settings).
+        """
+        out = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        out["token"] = (sealer or default_sealer()).seal(self.token.get_secret_value())
+        return out
 
     def safe_repr(self) -> str:
         return f"JobMessage(job_id={self.job_id!r}, tenant={self.tenant!r}, model={self.model!r})"
@@ -117,9 +124,18 @@ def readable_job_id(raw: Any) -> str | None:
 
 
 def parse_job(
-    raw: Any, *, max_items: int | None = None, max_bytes: int | None = None
+    raw: Any,
+    *,
+    max_items: int | None = None,
+    max_bytes: int | None = None,
+    sealer: Sealer | None = None,
 ) -> JobMessage:
-    """Validate a message body; raises ``InvalidJob`` naming every bad field (never values)."""
+    """Validate a message body; raises ``InvalidJob`` naming every bad field (never values).
+
+    A sealed token is opened (with ``sealer``, default the process's): one that does
+    not open is an ``InvalidJob``; no key configured at all is a ``SettingsError`` (the
+    worker is misconfigured, the message is not at fault). A plain token is kept.
+    """
     job_id = readable_job_id(raw)
     if not isinstance(raw, dict):
         raise InvalidJob(f"job must be a JSON object, got {type(raw).__name__}", job_id)
@@ -127,6 +143,12 @@ def parse_job(
         size = len(json.dumps(raw, default=str))
         if size > max_bytes:
             raise InvalidJob(f"job message is {size} bytes, over the {max_bytes} limit", job_id)
+    token = raw.get("token")
+    if is_sealed(token):
+        try:
+            raw = {**raw, "token": (sealer or default_sealer()).open(token)}
+        except UnsealError as e:
+            raise InvalidJob(str(e), job_id) from None
     try:
         job = JobMessage.model_validate(raw)
     except ValidationError as e:
@@ -139,11 +161,32 @@ def parse_job(
     return job
 
 
+REDACTED = "[redacted]"
+_MAX_DEPTH = 64
+
+
 def redacted(raw: Any) -> Any:
-    """A copy of a message body for people (dead-letter and invalid queues): no token."""
-    if not isinstance(raw, dict):
-        return raw
-    return {k: ("[redacted]" if k == "token" else v) for k, v in raw.items()}
+    """A copy of a message (a job, or a whole task body) for people: the dead-letter and
+    invalid queues. Every token field (``token`` and any key config.logging treats as a
+    secret) and every string that is a sealed token or that config.logging's redaction
+    recognizes (a JWT, ``Bearer ...``, ``token=...``) becomes ``"[redacted]"``; the rest
+    is kept. A plain token in a field of no secret name that looks like nothing in
+    particular cannot be recognized."""
+    return _redacted(raw, None, 0)
+
+
+def _redacted(value: Any, key: str | None, depth: int) -> Any:
+    if key is not None and SECRET_KEYS.search(key) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, str):
+        return REDACTED if is_sealed(value) or redact_text(value) != value else value
+    if isinstance(value, dict | list | tuple) and depth >= _MAX_DEPTH:
+        return REDACTED  # too deep to look through: not kept
+    if isinstance(value, dict):
+        return {k: _redacted(v, str(k), depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, None, depth + 1) for v in value]
+    return value
 
 
 def safe_kwargsrepr(kwargs: dict[str, Any] | None) -> str:
