@@ -2,12 +2,25 @@
 
 Celery's default consumer acks (drops) an undecodable message and logs its body; a
 pickle message, an unknown task or a malformed envelope would vanish, and a token in
-the body would reach the log. Here each goes, byte for byte, to ``inference.invalid``
-with the reason in a header, and only the reason is logged.
+the body would reach the log. Here each goes to ``inference.invalid`` with the reason
+in a header, and only the reason is logged.
+
+What is kept: the same envelope, headers and properties, with every token redacted
+(``worker.message.redacted``: token fields, sealed tokens, JWT/Bearer strings, in the
+body and the headers, e.g. an outside producer's ``kwargsrepr``). A body that decodes
+as JSON (in its declared encoding) is re-encoded redacted; a body that does not decode
+(YAML, msgpack, pickle, broken JSON) is kept as it came: it cannot be parsed to find a
+token, so it may hold one, and the invalid queue is for operators only.
+
+No backend call is made here: this runs on Celery's consumer thread, and one slow
+backend call would stall all consumption. When a job id can be read, a small task
+(``synapse.inference.fail_invalid``, kwargs ``job_id``, ``error``, ``tenant``) is
+published to the main queue, and a pool thread writes the job FAILED.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any
 
@@ -16,7 +29,7 @@ from celery.worker.consumer import Consumer
 from kombu import Queue
 from kombu.exceptions import ContentDisallowed
 
-from worker.message import INVALID_QUEUE, readable_job_id
+from worker.message import FAIL_INVALID_TASK_NAME, INVALID_QUEUE, QUEUE, readable_job_id, redacted
 
 log = structlog.get_logger("worker.consumer")
 
@@ -24,56 +37,82 @@ REASON_HEADER = "x-synapse-invalid-reason"
 
 
 def quarantine_raw(app: Any, message: Any, reason: str) -> None:
-    """Publish ``message`` unchanged to the invalid queue, then ack it."""
-    headers = dict(message.headers or {})
+    """Publish a token-free copy of ``message`` to the invalid queue, ask for its job to
+    be failed (a task message, not a backend call), then ack it."""
+    body, content_encoding = _redacted_body(message)
+    headers = redacted(dict(message.headers or {}))
     headers[REASON_HEADER] = reason
+    job_id, tenant = _job_of(message)
     try:
         with app.producer_or_acquire() as producer:
             producer.publish(
-                message.body,
+                body,
                 exchange="",
                 routing_key=INVALID_QUEUE,
                 content_type=message.content_type or "application/octet-stream",
-                content_encoding=message.content_encoding or "binary",
+                content_encoding=content_encoding,
                 headers=headers,
                 declare=[Queue(INVALID_QUEUE)],
                 retry=True,
             )
+            if job_id is not None:
+                fail = {"job_id": job_id, "error": reason, "tenant": tenant}
+                app.send_task(
+                    FAIL_INVALID_TASK_NAME,
+                    kwargs=fail,
+                    queue=QUEUE,
+                    producer=producer,
+                    argsrepr="()",
+                    kwargsrepr=repr(fail),
+                )
     except Exception as e:
-        # Not quarantined: leave it for redelivery rather than lose it.
+        # Not quarantined (or its job not to be failed): leave it for redelivery rather
+        # than lose it; at worst the invalid queue gets a second copy.
         log.error(
             "could not quarantine an invalid message; it stays on the queue",
             reason=reason,
+            job_id=job_id,
             error=type(e).__name__,
         )
         message.reject(requeue=True)
         return
     message.ack()
-    log.error("message quarantined", queue=INVALID_QUEUE, reason=reason, job_id=_job_id_of(message))
-    _fail_job(message, reason)
+    log.error("message quarantined", queue=INVALID_QUEUE, reason=reason, job_id=job_id)
 
 
-def _job_id_of(message: Any) -> str | None:
+def _redacted_body(message: Any) -> tuple[Any, str]:
+    """The body with its tokens redacted, and its content encoding; as it came when it
+    does not decode as JSON."""
+    raw = message.body
+    encoding = message.content_encoding or "binary"
+    if message.content_type != "application/json":
+        return raw, encoding
+    try:
+        codec = codecs.lookup(encoding).name if encoding != "binary" else "utf-8"
+        text = raw.decode(codec) if isinstance(raw, bytes | bytearray) else raw
+        decoded = json.loads(text)
+        # ensure_ascii: the text is ASCII, so it encodes in the declared codec.
+        return json.dumps(redacted(decoded)).encode(codec), encoding
+    except Exception:
+        return raw, encoding
+
+
+def _job_of(message: Any) -> tuple[str | None, str | None]:
+    """The job id and tenant a (JSON) task message carries, if they can be read."""
     try:
         if message.content_type != "application/json":
-            return None
+            return None, None
         body = json.loads(message.body)
         kwargs = body[1] if isinstance(body, list) and len(body) > 1 else {}
-        return readable_job_id(kwargs.get("job")) if isinstance(kwargs, dict) else None
+        job = kwargs.get("job") if isinstance(kwargs, dict) else None
+        job_id = readable_job_id(job)
+        if job_id is None:
+            return None, None
+        tenant = job.get("tenant")
+        ok = isinstance(tenant, str) and 0 < len(tenant) <= 100
+        return job_id, tenant if ok else None
     except Exception:
-        return None
-
-
-def _fail_job(message: Any, reason: str) -> None:
-    job_id = _job_id_of(message)
-    if job_id is None:
-        return
-    try:
-        from worker.tasks import fail_invalid_job
-
-        fail_invalid_job(job_id, reason, tenant=None)
-    except Exception as e:
-        log.warning("could not mark the invalid job FAILED", job_id=job_id, error=type(e).__name__)
+        return None, None
 
 
 def _task_body_problem(message: Any) -> str | None:
