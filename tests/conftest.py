@@ -204,6 +204,9 @@ def worker_env(serve_env: dict[str, str], redis_url: str, session_dir: Path) -> 
         **serve_env,
         "REDIS_URL": redis_url,
         "SYNAPSE_ACCESS_TOKEN": TOKENS["service"],
+        # One sealing key for every producer and worker of the session: the CLI tests
+        # submit with a user's token as their access token (no shared derived key).
+        "SYNAPSE_BRIDGE_SEALING_KEY": "Xixvx7dedZpoijV7G-vKTu0ZuWMqVoC5i06xp6M7Dj8=",
         "SYNAPSE_BRIDGE_RETRY_BASE": "0.2",
         "SYNAPSE_BRIDGE_RETRY_CAP": "1",
         "SYNAPSE_BRIDGE_RETRY_MAX": "4",

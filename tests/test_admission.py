@@ -402,12 +402,11 @@ def test_workers_with_admission_load_each_model_once_per_wave(
     # W3 in small: two worker processes (4 threads each) with admission at the probe's
     # bound (1 replica x 2 models), 80 jobs over 4 models in random order. Waves load
     # each model about once; a thrashing LRU loads on most switches (dozens).
-    import importlib
-    import os
-
-    from tests.conftest import WorkerProcess, _reset_process_singletons
+    from config import load_settings
+    from tests.conftest import WorkerProcess
     from tests.test_serve_e2e import stats
     from tests.test_worker import PROBE, new_job, send, wait_final
+    from worker.app import create_app
 
     url = redis_url.rsplit("/", 1)[0] + "/4"  # a broker of its own: no other worker
     env = {
@@ -425,22 +424,15 @@ def test_workers_with_admission_load_each_model_once_per_wave(
         WorkerProcess(env, session_dir / f"worker-admission-{i}.log", concurrency=4).start()
         for i in range(2)
     ]
-    saved = os.environ["REDIS_URL"]
-    os.environ["REDIS_URL"] = url
-    _reset_process_singletons()
-    import worker.app
-    import worker.tasks
-
+    producer = create_app(load_settings(redis_url=url))  # the producer's app on this broker
     try:
-        importlib.reload(worker.app)  # the producer's app on this broker
-        importlib.reload(worker.tasks)
         rnd = random.Random(11)
         jobs = []
         for i in range(80):
             model = rnd.choice(models)
             body = {"sleep_s": 0.02, "tag": f"adm-{i}"}
             job_id = new_job(admin, model=model, release=PROBE, body=body)
-            send(job_id, model=model, release=PROBE, body=body)
+            send(job_id, model=model, release=PROBE, body=body, app=producer)
             jobs.append(job_id)
         finals = [wait_final(admin, j, timeout=240) for j in jobs]
         assert [f["status"] for f in finals] == ["SUCCEEDED"] * len(jobs)
@@ -451,7 +443,3 @@ def test_workers_with_admission_load_each_model_once_per_wave(
     finally:
         for w in workers:
             w.stop()
-        os.environ["REDIS_URL"] = saved
-        _reset_process_singletons()
-        importlib.reload(worker.app)
-        importlib.reload(worker.tasks)

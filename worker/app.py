@@ -7,25 +7,27 @@ timeout longer than the longest job); effects on the backend are made once by
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Exchange, Queue
 
 from config import Settings, get_settings
 from worker.message import DLQ, INVALID_QUEUE, QUEUE
+from worker.redis_transport import TRANSPORT
 
 
 def _transport(broker: str) -> dict[str, str]:
     """Our Redis transport (one client per channel) for ``redis://``; else kombu's."""
-    from worker.redis_transport import TRANSPORT
-
     return {"broker_transport": TRANSPORT} if broker.startswith("redis://") else {}
 
 
-def create_app(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    celery = Celery("synapse_bridge", broker=settings.broker, backend=settings.redis)
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration of a bridge app, from our settings."""
     default = Exchange(QUEUE, type="direct")
-    celery.conf.update(
+    return dict(
+        broker_url=settings.broker,
+        result_backend=settings.redis,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -68,7 +70,20 @@ def create_app(settings: Settings | None = None) -> Celery:
         **_transport(settings.broker),
         imports=["worker.tasks", "worker.lifecycle"],
     )
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A bridge app configured now (a producer for another broker, say)."""
+    celery = Celery("synapse_bridge")
+    celery.conf.update(celery_config(settings or get_settings()))
     return celery
 
 
-app = create_app()
+# The process's app is configured when it is first used, not when it is imported:
+# importing a module that defines tasks must not freeze the settings of the moment.
+app = Celery("synapse_bridge")
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))

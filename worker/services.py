@@ -45,7 +45,11 @@ class Services:
         admission = None
         if s.active_models > 0:
             admission = ModelAdmission(
-                r, s.active_models, idle_s=s.model_idle_s, stale_s=s.task_time_limit_s
+                r,
+                s.active_models,
+                lease_s=s.task_time_limit_s,
+                idle_s=s.model_idle_s,
+                max_wait_s=s.model_max_wait_s,
             )
         return cls(
             settings=s,

@@ -64,10 +64,12 @@ class Settler:
         """
         if isinstance(outcome, Finished):
             write = self.finish(job, outcome)
-            if write == "rejected":  # the backend does not know this job: a wrong message
+            if write == "unknown_job":  # the backend does not know this job: a wrong message
                 self.quarantine(raw, f"the backend refused job {job.job_id}", fail_job=False)
                 return Rejected.status
-            return "SKIPPED" if write == "already_final" else outcome.status
+            return {"already_final": "SKIPPED", "failed_instead": "FAILED"}.get(
+                write, outcome.status
+            )
         if isinstance(outcome, TryAgain):
             self.retry_or_fail(task, job, outcome.error)
         elif isinstance(outcome, Deferred):
@@ -98,8 +100,8 @@ class Settler:
         write = self.svc.writeback.finalize(job.job_id, body, tenant=job.msg.tenant)
         if job.msg.is_batch:
             forget_checkpoint(self.svc.redis, job.job_id)
-        if write == "already_final":
-            metrics.JOBS.labels(outcome="already_final").inc()
+        if write in ("already_final", "failed_instead", "dead", "unknown_job"):
+            metrics.JOBS.labels(outcome=write).inc()  # not the outcome computed
         else:
             metrics.JOBS.labels(outcome=outcome.status.lower()).inc()
             metrics.JOB_LATENCY.observe(record.get("total_s", time.time() - job.started))

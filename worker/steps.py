@@ -8,9 +8,10 @@ from functools import partial
 
 import structlog
 
+from config.errors import is_transient
 from serve_runtime.tokens import ModelKey
 from worker.admission import ModelAdmission
-from worker.backend_api import FINAL_STATUSES, BackendAPI, BackendRejected, BackendUnavailable
+from worker.backend_api import FINAL_STATUSES, BackendAPI, BackendError, BackendInvalidRequest
 from worker.ledger import Ledger
 from worker.pipeline import Deferred, Job, Outcome, Rejected, Requeued, Skipped, Step, failed
 from worker.running_mark import Mark, RunningMarks
@@ -61,11 +62,11 @@ class BackendStatus(Step):
     def before(self, job: Job) -> Outcome | None:
         try:
             current = self.backend.get_job(job.job_id, job.msg.tenant)
-        except BackendUnavailable:
-            return None  # cannot tell: run; the final write checks again
-        except BackendRejected as e:
-            if e.status_code in (403, 404):
-                return Rejected(f"the backend refused job {job.job_id}: {e.status_code}")
+        except BackendError as e:
+            if is_transient(e):
+                return None  # cannot tell: run; the final write checks again
+            if isinstance(e, BackendInvalidRequest) or e.status_code in (403, 404):
+                return Rejected(f"the backend refused job {job.job_id}: {e.status_code or e}")
             raise
         if current.get("status") in FINAL_STATUSES:
             return Skipped(f"job is {current.get('status')} on the backend")
@@ -82,22 +83,32 @@ class MessageDeadline(Step):
 
 
 class Admission(Step):
-    """At most N models in flight across the workers (``worker.admission``)."""
+    """At most N models in flight across the workers, served fairly (``worker.admission``).
 
-    def __init__(self, admission: ModelAdmission) -> None:
+    A refused job goes back to the queue keeping its arrival time, so its model keeps
+    its place in the waiting line; every job's lease ends in ``after``.
+    """
+
+    def __init__(self, admission: ModelAdmission, turn_wait_s: float) -> None:
         self.admission = admission
+        self.turn_wait_s = turn_wait_s
 
     @staticmethod
     def key(job: Job) -> str:
         return str(ModelKey(tenant=job.msg.tenant, model=str(job.msg.model)))
 
     def before(self, job: Job) -> Outcome | None:
-        if not self.admission.enter(self.key(job)):
-            return Requeued("model not admitted yet")
-        return None
+        arrived = job.msg.submitted_at or job.started
+        if self.admission.wait_for_turn(
+            self.key(job), job.job_id, arrived, timeout_s=self.turn_wait_s
+        ):
+            return None
+        if job.msg.submitted_at is None:  # the place in line travels with the message
+            job.msg = job.msg.model_copy(update={"submitted_at": arrived})
+        return Requeued("model not admitted yet")
 
     def after(self, job: Job, outcome: Outcome) -> None:
-        self.admission.leave(self.key(job))
+        self.admission.leave(self.key(job), job.job_id)
 
 
 class RunningMark(Step):

@@ -70,7 +70,7 @@ def _steps(svc: Services, job: Job) -> list[Step]:
     if job.msg.is_batch:
         steps.append(BackendStatus(svc.backend))
     if svc.admission is not None:
-        steps.append(Admission(svc.admission))
+        steps.append(Admission(svc.admission, svc.settings.model_turn_wait_s))
     steps.append(RunningMark(svc.marks, svc.writeback))
     return steps
 

@@ -59,7 +59,9 @@ LOCK_PREFIX = "synapse:final-lock:"
 # there (nothing written). failed_instead: the backend refused the result and FAILED was
 # written with the reason. outboxed: not delivered yet, the record waits in the outbox.
 # dead: not deliverable, the record is in the dead outbox with its reason.
-Outcome = Literal["written", "already_final", "failed_instead", "outboxed", "dead"]
+# unknown_job: the backend answered 403/404 for the job: the message is wrong (its
+#   caller quarantines it); the record goes to the dead outbox like a dead one.
+Outcome = Literal["written", "already_final", "failed_instead", "outboxed", "dead", "unknown_job"]
 _SETTLED = ("written", "already_final", "failed_instead")
 
 # Backend calls one holder of a job's lock may make: GET, PATCH, and the FAILED PATCH.
@@ -198,14 +200,14 @@ class WriteBack:
         finally:
             if outcome in _SETTLED:  # done marker, record gone, unlock
                 self._complete(keys=keys, args=[job_id, self.settings.final_marker_ttl_s, owner])
-            elif outcome == "dead":
+            elif outcome in ("dead", "unknown_job"):
                 self._bury(
                     keys=[OUTBOX, DEAD_OUTBOX, keys[2]],
                     args=[job_id, _dead_record(job_id, raw, reason or "?"), owner],
                 )
             else:
                 self._release(keys=[keys[2]], args=[owner])
-        if outcome == "dead":
+        if outcome in ("dead", "unknown_job"):
             log.error(
                 "final write not deliverable; record kept in the dead outbox",
                 job_id=job_id,
@@ -234,6 +236,8 @@ class WriteBack:
                     error=_reason(e),
                 )
                 return "outboxed", None
+            if isinstance(e, BackendRejected) and e.status_code in (403, 404):
+                return "unknown_job", _reason(e)
             return "dead", _reason(e)
 
     def _write_final(
