@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import time
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import click
+
+from config import configure_logging, get_settings
+from worker.app import app
+from worker.intake import Intake
 
 COMMANDS_GROUP = "synapse_bridge.commands"
 
@@ -51,7 +56,6 @@ class BridgeCLI(click.Group):
 @click.group(cls=BridgeCLI)
 def main() -> None:
     """Bridge a Celery job queue to Ray Serve (Synapse serve runtime)."""
-    from config import configure_logging, get_settings
 
     try:
         settings = get_settings()
@@ -77,7 +81,6 @@ def serve_deploy(plugin_dir: Path, action: str, block: bool | None) -> None:
     """Deploy PLUGIN_DIR's serve action at its route prefix (port 8100 by default)."""
     import ray
 
-    from config import get_settings
     from serve_runtime.deploy import deploy
 
     settings = get_settings()
@@ -94,8 +97,6 @@ def serve_deploy(plugin_dir: Path, action: str, block: bool | None) -> None:
     if block:
         click.echo("serving; Ctrl-C to stop")
         try:
-            import time
-
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
@@ -104,8 +105,6 @@ def serve_deploy(plugin_dir: Path, action: str, block: bool | None) -> None:
 
 def _connect() -> None:
     import ray
-
-    from config import get_settings
 
     address = get_settings().ray_address or "auto"
     try:
@@ -126,9 +125,9 @@ def serve_status() -> None:
     status = ray_serve.status()
     if not status.applications:
         click.echo("no applications")
-    for name, app in status.applications.items():
-        click.echo(f"{name}: {app.status} route={app.route_prefix or '-'}")
-        for dname, dep in app.deployments.items():
+    for name, application in status.applications.items():
+        click.echo(f"{name}: {application.status} route={application.route_prefix or '-'}")
+        for dname, dep in application.deployments.items():
             replicas = ", ".join(f"{k}={v}" for k, v in dep.replica_states.items())
             click.echo(f"  {dname}: {dep.status} replicas[{replicas}]")
 
@@ -167,8 +166,6 @@ def worker(
     concurrency: int | None, pool: str, queues: str, loglevel: str, celery_args: tuple[str, ...]
 ) -> None:
     """Run the Celery worker with our settings (extra arguments go to Celery)."""
-    from config import get_settings
-    from worker.app import app
 
     settings = get_settings()
     # Celery reads "prefork" as "the default" and would use the app's worker_pool
@@ -190,7 +187,6 @@ def worker(
 @click.option("--once", is_flag=True, help="One pass over the pending jobs, then exit.")
 def intake(once: bool) -> None:
     """Poll the backend for PENDING inference jobs and enqueue each once."""
-    from worker.intake import Intake
 
     runner = Intake.from_settings()
     if once:
