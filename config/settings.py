@@ -238,12 +238,22 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SYNAPSE_BRIDGE_TASK_SOFT_TIME_LIMIT must be below SYNAPSE_BRIDGE_TASK_TIME_LIMIT"
             )
-        if self.visibility_timeout_s <= self.task_time_limit_s:
+        longest = max(self.task_time_limit_s, self.task_soft_time_limit_s + self.job_lock_s)
+        if self.visibility_timeout_s <= longest:
             raise ValueError(
-                "SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT must exceed SYNAPSE_BRIDGE_TASK_TIME_LIMIT "
-                "(else Redis redelivers jobs still running)"
+                f"SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT ({self.visibility_timeout_s}) must exceed "
+                f"the longest a task can run, {longest:g}s: SYNAPSE_BRIDGE_TASK_TIME_LIMIT, or "
+                "SYNAPSE_BRIDGE_TASK_SOFT_TIME_LIMIT plus the final write "
+                "(3 x SYNAPSE_BRIDGE_BACKEND_TIMEOUT + 5 s); else the broker redelivers "
+                "jobs still running"
             )
         return self
+
+    @property
+    def job_lock_s(self) -> float:
+        """How long a job's write lock lasts: above the deadlines of the three backend
+        calls its holder may make (GET, PATCH, a FAILED PATCH), plus a margin."""
+        return 3 * self.backend_timeout_s + 5.0
 
     @property
     def broker(self) -> str:

@@ -505,3 +505,25 @@ class TestPluginConfig:
         cfg = PluginConfig.model_validate({"code": "p", "version": "1"})
         with pytest.raises(PluginConfigError, match="none"):
             cfg.action("inference")
+
+
+def test_visibility_timeout_must_cover_the_time_limit_and_the_final_write() -> None:
+    # Issue 11 A7: redelivery must come after the longest a task can really run: its
+    # soft limit (enforced inside the job) plus the final write under the job's lock.
+    from config import SettingsError, load_settings
+
+    ok = load_settings(
+        task_soft_time_limit_s=600,
+        task_time_limit_s=660,
+        backend_timeout_s=30,
+        visibility_timeout_s=700,
+    )
+    assert ok.job_lock_s == 95
+    with pytest.raises(SettingsError) as e:
+        load_settings(
+            task_soft_time_limit_s=600,
+            task_time_limit_s=660,
+            backend_timeout_s=30,
+            visibility_timeout_s=690,
+        )
+    assert "SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT" in str(e.value) and "695" in str(e.value)

@@ -64,11 +64,8 @@ LOCK_PREFIX = "synapse:final-lock:"
 Outcome = Literal["written", "already_final", "failed_instead", "outboxed", "dead", "unknown_job"]
 _SETTLED = ("written", "already_final", "failed_instead")
 
-# Backend calls one holder of a job's lock may make: GET, PATCH, and the FAILED PATCH.
-_LOCK_CALLS = 3
-# Lock time beyond the calls' deadlines (Redis round trips, scheduling); a call is also
-# cut this long before the lock would run out.
-_LOCK_MARGIN_S = 5.0
+# A call under a job's lock is cut this long before the lock would run out
+# (Settings.job_lock_s: three calls' deadlines plus a margin).
 _FENCE_S = 2.0
 
 _RELEASE_LOCK = """
@@ -142,8 +139,7 @@ class WriteBack:
         self.redis = r
         self.settings = settings or get_settings()
         self.call_s = self.settings.backend_timeout_s
-        # Strictly above the deadlines of every call made under the lock.
-        self.lock_s = _LOCK_CALLS * self.call_s + _LOCK_MARGIN_S
+        self.lock_s = self.settings.job_lock_s  # above every call made under the lock
         self._release = r.register_script(_RELEASE_LOCK)
         self._claim = r.register_script(_CLAIM)
         self._claim_update = r.register_script(_CLAIM_UPDATE)
