@@ -86,6 +86,7 @@ def worker(db_url: str, r: redis.Redis, dead_backend: socket.socket) -> Iterator
     from config import load_settings
     from worker.app import create_app
     from worker.message import FAIL_INVALID_TASK_NAME, QUEUE
+    from worker.request import SafeTask
 
     app = create_app(load_settings(broker_url=db_url, redis_url=db_url))
     app.conf.imports = []  # no worker.tasks / worker.lifecycle: the consumer alone
@@ -103,13 +104,22 @@ def worker(db_url: str, r: redis.Redis, dead_backend: socket.socket) -> Iterator
             }
         )
 
+    release = threading.Event()
+
+    @app.task(name="test.consumer.block", shared=False, base=SafeTask)
+    def block(*, job: Any = None, **_: Any) -> None:
+        release.wait(30)
+
     # Consuming ``inference`` only, as ``synapse-bridge worker`` does (-Q inference).
     app.conf.task_queues = [q for q in app.conf.task_queues if q.name == QUEUE]
     with start_worker(
         app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=20
     ) as w:
         assert type(w.consumer).__name__ == "QuarantiningConsumer"
-        yield {"app": app, "ran": ran, "worker": w}
+        try:
+            yield {"app": app, "ran": ran, "worker": w, "release": release}
+        finally:
+            release.set()
 
 
 def invalid_entries(r: redis.Redis) -> list[dict[str, Any]]:
@@ -260,6 +270,46 @@ def test_a_valid_envelope_with_no_job_id_publishes_no_fail_task(
     assert USER_TOKEN not in json.dumps(entry) and USER_TOKEN.encode() not in body_of(entry)
     time.sleep(0.5)
     assert worker["ran"] == []
+
+
+def test_inspect_never_shows_a_token(worker: dict[str, Any], r: redis.Redis) -> None:
+    """inspect active/reserved/scheduled/query_task (what Flower shows) on tasks sent as
+    an outside producer sends them: Celery's default kwargsrepr quotes the token."""
+    app = worker["app"]
+    ids = {}
+    for name, countdown in [("later", 60), ("a", None), ("b", None), ("c", None)]:
+        job_id = f"insp-{name}-{uuid.uuid4().hex[:8]}"
+        res = app.send_task(
+            "test.consumer.block", kwargs={"job": a_job(job_id)}, countdown=countdown
+        )
+        ids[res.id] = job_id
+    inspect = app.control.inspect(timeout=2)
+
+    def active() -> list[Any]:
+        return [t for ts in (inspect.active() or {}).values() for t in ts]
+
+    def scheduled() -> list[Any]:
+        return [t for ts in (inspect.scheduled() or {}).values() for t in ts]
+
+    wait_for(lambda: len(active()) >= 2, timeout=20, what="two tasks active")
+    wait_for(lambda: scheduled(), timeout=20, what="the countdown task scheduled")
+    answers = {
+        "active": inspect.active(),
+        "active(safe=False)": inspect.active(safe=False),
+        "reserved": inspect.reserved(),
+        "scheduled": inspect.scheduled(),
+        "query_task": inspect.query_task(*ids),
+    }
+    text = json.dumps(answers, default=str)
+    assert USER_TOKEN not in text and JWT not in text, text[:2000]
+    shown = [t for ts in answers["active"].values() for t in ts]
+    assert all(t["kwargs"].startswith("{'job': {'job_id': 'insp-") for t in shown), shown
+    assert any(ids[t["id"]] in t["kwargs"] for t in shown)
+    later = [t["request"] for ts in answers["scheduled"].values() for t in ts]
+    assert later and "insp-later-" in later[0]["kwargs"]
+    queried = [v for ts in answers["query_task"].values() for v in ts.values()]
+    assert len(queried) >= 3 and all("insp-" in info["kwargs"] for _, info in queried)
+    worker["release"].set()
 
 
 def test_the_consumer_module_never_imports_worker_tasks() -> None:

@@ -190,11 +190,22 @@ def _redacted(value: Any, key: str | None, depth: int) -> Any:
 
 
 def safe_kwargsrepr(kwargs: dict[str, Any] | None) -> str:
-    """What events and Flower show of a task's kwargs: never the token."""
-    job = (kwargs or {}).get("job")
+    """What events, logs, inspect and Flower show of a task's kwargs: the job id, tenant
+    and model, never the token (nor anything else a producer put there)."""
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    job = kwargs.get("job")
     if isinstance(job, dict):
-        return repr({"job": {k: job.get(k) for k in ("job_id", "model", "tenant")}})
+        return repr({"job": {k: _shown(job.get(k)) for k in ("job_id", "model", "tenant")}})
+    if isinstance(kwargs.get("job_id"), str):  # fail_invalid
+        return repr({k: _shown(kwargs.get(k)) for k in ("job_id", "tenant")})
     return "{...}"
+
+
+def _shown(value: Any) -> Any:
+    """A job id, tenant or model as shown: short plain values only."""
+    if isinstance(value, int) or (isinstance(value, str) and len(value) <= 128):
+        return redacted(value)
+    return None if value is None else "[...]"
 
 
 FAIL_INVALID_TASK_NAME = "synapse.inference.fail_invalid"
