@@ -270,6 +270,33 @@ def path_counts(
     return c
 
 
+def tokens_at_rest(r: Any, tokens: list[str], logs: list[Path]) -> int:
+    """Occurrences of ``tokens`` in every Redis key of ``r``'s database (queues, unacked
+    messages, results, ledger, outbox, DLQ, invalid queue) and in the given logs."""
+    found = 0
+    for key in r.scan_iter(count=1000):
+        kind = r.type(key)
+        if kind == "string":
+            values = [r.get(key) or ""]
+        elif kind == "hash":
+            values = [f"{k}={v}" for k, v in r.hgetall(key).items()]
+        elif kind == "list":
+            values = r.lrange(key, 0, -1)
+        elif kind == "set":
+            values = list(r.smembers(key))
+        elif kind == "zset":
+            values = r.zrange(key, 0, -1)
+        else:
+            values = []
+        text = "\n".join([key, *values])
+        found += sum(text.count(t) for t in tokens)
+    for path in logs:
+        if path.exists():
+            text = path.read_text(errors="replace")
+            found += sum(text.count(t) for t in tokens)
+    return found
+
+
 def record_path(path: str, counts: PathCounts, fault: str) -> None:
     """Append one adversarial path's counts for docs/reliability.md."""
     OUT.parent.mkdir(parents=True, exist_ok=True)

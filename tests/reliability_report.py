@@ -32,7 +32,39 @@ GUARANTEES = """
 """
 
 
+def render_paths(rows: list[dict]) -> list[str]:
+    """The adversarial paths of a job's life (tests/test_adversarial.py and others)."""
+    latest: dict[str, dict] = {}
+    for row in rows:
+        latest[row["scenario"]] = row
+    if not latest:
+        return []
+    lines = [
+        "",
+        "## Adversarial paths",
+        "",
+        "One row per path that used to lose a job, leave it non-final, compute or write it",
+        "twice, overwrite a cancellation or leak a token (issue 11), driven end to end.",
+        "*stuck* = left RUNNING; *written twice* and *cancellation overwritten* count",
+        "attempts the backend refused (409) too; *tokens found* = occurrences of the jobs'",
+        "tokens in Redis (every key), the queues, inspect output and the worker's log.",
+        "",
+        "| path | fault | jobs | lost | stuck non-final | written twice |"
+        " cancellation overwritten | tokens found | run at |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in sorted(latest.values(), key=lambda r: r["scenario"]):
+        lines.append(
+            f"| {row['scenario']} | {row['faults']} | {row['jobs']} | {row['lost']} | "
+            f"{row['stuck']} | {row['written_twice']} | {row['cancel_overwritten']} | "
+            f"{row['tokens_found']} | {row['at']} |"
+        )
+    return lines
+
+
 def render(rows: list[dict]) -> str:
+    paths = [r for r in rows if r.get("kind") == "path"]
+    rows = [r for r in rows if r.get("kind") != "path"]
     latest: dict[str, dict] = {}
     for row in rows:
         latest[row["scenario"]] = row
@@ -72,6 +104,7 @@ def render(rows: list[dict]) -> str:
     lines += ["", "Per scenario, what it rests on:", ""]
     for row in latest.values():
         lines.append(f"- **{row['scenario']}**: {row['rests_on']}")
+    lines += render_paths(paths)
     return "\n".join(lines) + "\n" + GUARANTEES
 
 

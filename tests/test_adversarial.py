@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import TOKENS, WorkerProcess, wait_for
-from tests.fault_kit import path_counts, record_path
+from tests.fault_kit import PathCounts, path_counts, record_path, tokens_at_rest
 
 RELEASE = {"code": "example-classifier", "version": "1.0.0"}
 PROBE = {"code": "probe", "version": "0.1.0"}
@@ -128,11 +128,11 @@ def test_a_poll_message_that_cannot_be_decoded_fails_its_job(admin: Any) -> None
     final = wait_final(admin, job_id, timeout=30)
     assert final["status"] == "FAILED"
     assert "poll" in final["result"]["error"]
-    counts = path_counts(admin, [job_id])
+    counts = path_counts(admin, [job_id], tokens_found=leaked())
     record_path(
         "A3 undecodable poll message", counts, "poll task with a ticket that is not a string"
     )
-    assert (counts.lost, counts.stuck, counts.written_twice) == (0, 0, 0)
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
 
 
 @pytest.mark.usefixtures("worker_proc")
@@ -165,13 +165,19 @@ def test_a_redis_error_while_settling_puts_the_message_back(admin: Any) -> None:
             r.hset(OUTBOX, mapping=saved)
     final = wait_final(admin, job_id, timeout=60)
     assert final["status"] in ("SUCCEEDED", "FAILED")
-    counts = path_counts(admin, [job_id])
+    counts = path_counts(admin, [job_id], tokens_found=leaked())
     record_path(
         "A3 Redis error while settling",
         counts,
         "WRONGTYPE on the outbox for every write, then repaired",
     )
-    assert (counts.lost, counts.stuck, counts.written_twice) == (0, 0, 0)
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
+
+
+def leaked() -> int:
+    """The user's token found at rest: every key of the session's Redis, worker logs."""
+    logs = list(Path(os.environ["SYNAPSE_TEST_EVENTS_DIR"]).glob("worker*.log"))
+    return tokens_at_rest(redis_client(), [TOKENS["alice"]], logs)
 
 
 def _worker_log_tail() -> str:
@@ -208,10 +214,10 @@ def test_a_job_stopped_mid_run_is_not_overwritten(admin: Any, session_dir: Path)
         what="the worker settled the job",
     )
     assert admin.job(job_id)["status"] == "STOPPED"
-    counts = path_counts(admin, [job_id], stopped={job_id})
+    counts = path_counts(admin, [job_id], stopped={job_id}, tokens_found=leaked())
     record_path("A5 job stopped mid-run", counts, "STOPPED by a person while the serve call runs")
     assert counts.cancel_overwritten == 0
-    assert (counts.lost, counts.stuck, counts.written_twice) == (0, 0, 0)
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
 
 
 # --- A6: poll errors counted, not polls
@@ -255,11 +261,11 @@ def test_a_long_deferred_job_survives_one_transient_poll_error(
         _reset_process_singletons()
     final = wait_final(admin, job_id, timeout=60)
     assert final["status"] == "SUCCEEDED", final["result"]
-    counts = path_counts(admin, [job_id])
+    counts = path_counts(admin, [job_id], tokens_found=leaked())
     record_path(
         "A6 transient poll error after 100 polls", counts, "serve proxy unreachable for one poll"
     )
-    assert (counts.lost, counts.stuck, counts.written_twice) == (0, 0, 0)
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
 
 
 # --- A7: time limits enforced inside the job
@@ -289,11 +295,11 @@ def test_a_batch_job_past_its_time_limit_fails_once(admin: Any, own_worker: Any)
     wait_for(lambda: time.monotonic() - t0 > 14, timeout=20, what="past the visibility timeout")
     running = [w for w in admin.writes(job_id) if w["body"].get("status") == "RUNNING"]
     assert len(running) == 1
-    counts = path_counts(admin, [job_id])
+    counts = path_counts(admin, [job_id], tokens_found=leaked())
     record_path(
         "A7 batch past its time limit", counts, "soft limit 2 s, a 5 s item, visibility 12 s"
     )
-    assert (counts.lost, counts.stuck, counts.written_twice) == (0, 0, 0)
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
 
 
 # --- A8: a job the backend does not know is a wrong message
@@ -321,6 +327,9 @@ def test_a_job_unknown_to_the_backend_goes_to_the_invalid_queue(admin: Any, kind
         line for line in _worker_log_tail().splitlines() if job_id in line and "retrying" in line
     ]
     assert retried == []
+    counts = PathCounts(jobs=1, tokens_found=leaked())  # not on the backend: nothing to lose
+    record_path(f"A8 job unknown to the backend ({kind})", counts, "GET jobs/{id}/ answers 404")
+    assert counts.tokens_found == 0
 
 
 # --- A13: a failed batch item does not waste its chunk
@@ -338,6 +347,6 @@ def test_a_failed_item_does_not_recompute_the_rest_of_its_chunk(
     assert final["status"] == "FAILED"  # the failing item outlasts every retry
     runs = [e["count"] for e in events(session_dir, "infer") if str(e["count"]).startswith(tag)]
     assert sorted(runs) == sorted(f"{tag}-{i}" for i in range(3)), runs
-    counts = path_counts(admin, [job_id])
+    counts = path_counts(admin, [job_id], tokens_found=leaked())
     record_path("A13 failing batch item", counts, "one item of a 4-item chunk fails on every try")
-    assert (counts.lost, counts.stuck, counts.written_twice) == (0, 0, 0)
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
