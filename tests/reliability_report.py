@@ -20,15 +20,17 @@ GUARANTEES = """
 
 | guarantee | mechanism | setting |
 |---|---|---|
-| a message survives a worker crash | late acks, reject on worker lost, prefetch 1; Redis redelivers unacked messages after the visibility timeout | `SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT` (> `SYNAPSE_BRIDGE_TASK_TIME_LIMIT`) |
-| a message lost between the broker's pop and the worker's record of it (Redis transport, worker killed) is sent again | `submit` records each job in a ledger before publishing; the worker removes it when the job starts; every worker's housekeeping republishes overdue entries while the queue is empty | `SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT` (the ledger's grace) |
-| one final write per job | the final body goes to a Redis outbox first (`HSETNX`: the first result wins), is delivered under a per-job lock, after a status check on the backend, then a done-marker is set | `SYNAPSE_BRIDGE_FINAL_MARKER_TTL` |
+| a message survives a worker crash | late acks, reject on worker lost, prefetch 1; Redis redelivers unacked messages after the visibility timeout, which must exceed the soft time limit (enforced inside the job) plus the final write | `SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT` (> soft limit + 3 x `SYNAPSE_BRIDGE_BACKEND_TIMEOUT` + 5 s) |
+| a message lost between the broker's pop and the worker's record of it (Redis transport, worker killed) is sent again | `submit` records each job in a ledger before publishing; the worker removes it when the job starts; every worker's housekeeping republishes overdue entries while the queue is empty (LLEN over the priority lists on Redis, a passive declare on AMQP); entries expire after 4 graces | `SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT` (the ledger's grace) |
+| one final write per job | the final body goes to a Redis outbox first (`HSETNX`: the first result wins), is delivered under a per-job lock that outlives the write (a total deadline per backend call), after a status check on the backend, then a done-marker is set | `SYNAPSE_BRIDGE_FINAL_MARKER_TTL`, `SYNAPSE_BRIDGE_BACKEND_TIMEOUT` |
+| a cancelled job stays cancelled | every write (final, RUNNING, progress) reads the job's status under its lock and only moves it forward; the local backend refuses the rest with 409 | |
+| every message ends somewhere | outcomes are values settled in one place: a final write, a retry, a poll, or a reject with requeue when settling fails | `SYNAPSE_BRIDGE_RETRY_MAX` |
 | a result is never lost or recomputed because its write failed | the outbox keeps it; the flusher thread of every worker delivers it; a redelivered job finds it and delivers instead of recomputing | `SYNAPSE_BRIDGE_OUTBOX_FLUSH_INTERVAL` |
 | a serving outage does not fail jobs | 404 from the proxy, 429/502/503/504, timeouts, connection errors and bare 500s retry with exponential backoff and full jitter, bounded | `SYNAPSE_BRIDGE_RETRY_MAX`, `_RETRY_BASE`, `_RETRY_CAP` |
 | a broker restart loses nothing | Redis AOF (`appendfsync always` in the tests); Celery reconnects; redis-py retries commands over the restart; RabbitMQ: durable queues, persistent messages | `REDIS_URL`, `BROKER_URL`, Redis `appendonly yes` |
 | nothing vanishes on bad input | JSON-only; undecodable, non-JSON, pickle and unknown-task messages are moved byte for byte to `inference.invalid` with the reason; invalid jobs are FAILED with the validation error; non-transient errors are never retried | `SYNAPSE_BRIDGE_MAX_MESSAGE_BYTES`, `SYNAPSE_BRIDGE_BATCH_MAX_ITEMS` |
 | bounded memory under a deep queue | prefetch multiplier 1 (a worker holds only its slots' messages), one pooled HTTP client per process | `SYNAPSE_BRIDGE_WORKER_CONCURRENCY` |
-| tokens stay secret | redaction processor on every log line (structlog and stdlib), task kwargs shown redacted in events, tokens never in results or errors | `SYNAPSE_BRIDGE_LOG_FORMAT` |
+| tokens stay secret | tokens sealed (Fernet) in every message the bridge publishes and in the ledger; inspect/Flower/events show only id, tenant, model; DLQ and invalid queue keep no token; redaction processor on every log line | `SYNAPSE_BRIDGE_SEALING_KEY`, `SYNAPSE_BRIDGE_LOG_FORMAT` |
 """
 
 
