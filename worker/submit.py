@@ -1,4 +1,10 @@
-"""Producing jobs: build a valid message and send it; nobody hand-writes Celery internals."""
+"""Producing jobs: build a valid message and send it; nobody hand-writes Celery internals.
+
+The message carries the token sealed (``JobMessage.wire()``, key from
+``SYNAPSE_BRIDGE_SEALING_KEY`` or derived from ``SYNAPSE_ACCESS_TOKEN``: a producer
+needs the same key as the workers), and shows only the job id, tenant and model in
+its ``kwargsrepr`` (events, Flower).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from celery.result import AsyncResult
 from worker.app import app as default_app
 from worker.ledger import Ledger
 from worker.message import TASK_NAME, JobMessage, parse_job, safe_kwargsrepr
+from worker.sealing import Sealer
 from worker.services import services
 
 
@@ -20,10 +27,13 @@ def send_message(
     countdown: float | None = None,
     app: Celery | None = None,
     ledger: Ledger | None = None,
+    sealer: Sealer | None = None,
 ) -> AsyncResult:
-    """Record the job in the ledger, then publish it (to ``app``'s broker, default ours)."""
+    """Record the job in the ledger, then publish it (to ``app``'s broker, default ours).
+
+    Both copies carry the token sealed (``sealer``, default the process's)."""
     app = app or default_app
-    wire = job.wire()
+    wire = job.wire(sealer)
     (ledger or services().ledger).record(job.job_id, wire)
     kwargs = {"job": wire}
     return app.send_task(
@@ -50,6 +60,7 @@ def submit(
     deadline: str | None = None,
     countdown: float | None = None,
     app: Celery | None = None,
+    sealer: Sealer | None = None,
 ) -> AsyncResult:
     """Validate and send one job to the ``inference`` queue; raises ``InvalidJob``."""
     raw: dict[str, Any] = {
@@ -69,7 +80,10 @@ def submit(
     if deadline is not None:
         raw["deadline"] = deadline
     return send_message(
-        parse_job({k: v for k, v in raw.items() if v is not None}), countdown=countdown, app=app
+        parse_job({k: v for k, v in raw.items() if v is not None}, sealer=sealer),
+        countdown=countdown,
+        app=app,
+        sealer=sealer,
     )
 
 
