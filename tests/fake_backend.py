@@ -5,7 +5,8 @@ test: answer a given status code for the next N requests, answer 2xx with a body
 not JSON, answer slowly (a delay, or the body dribbled one byte at a time), refuse bodies
 over a size with 413, refuse illegal status moves with 409 and the current status.
 
-Only what the write-back uses: ``GET jobs/{id}/`` and ``PATCH jobs/{id}/``. The
+Only what the write-back uses: ``GET jobs/{id}/`` and ``PATCH jobs/{id}/``, and for the
+intake ``GET jobs/`` (the list, paged as the local backend pages it). The
 ``local_backend`` is the faithful stand-in; this one is for faults it cannot be told to
 make (a dribbled answer, a 2xx that is not JSON, a refusal of one given request).
 """
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 RANK = {"PENDING": 0, "QUEUED": 1, "RUNNING": 2, "SUCCEEDED": 3, "FAILED": 3, "STOPPED": 3}
@@ -85,9 +87,18 @@ class FakeBackend:
 
     # -- scripting
 
-    def add_job(self, job_id: str, status: str = "RUNNING", tenant: str = "acme") -> None:
+    def add_job(
+        self, job_id: str, status: str = "RUNNING", tenant: str = "acme", **fields: Any
+    ) -> None:
+        """A job; ``fields`` adds more of it (``action``, ``params``, ``plugin_release``)."""
         with self._lock:
-            self.jobs[job_id] = {"id": job_id, "status": status, "tenant": tenant, "result": None}
+            self.jobs[job_id] = {
+                "id": job_id,
+                "status": status,
+                "tenant": tenant,
+                "result": None,
+                **fields,
+            }
 
     def script(self, method: str, n: int = 1, **kw: Any) -> None:
         """For the next ``n`` requests of ``method`` (and ``job_id``, if given), do ``kw``."""
@@ -201,6 +212,8 @@ class FakeBackend:
 
         if h.headers.get("Authorization") != f"Token {self.token}":
             return detail(401, "Invalid token.")
+        if method == "GET" and job_id is None and h.path.split("?")[0].strip("/") == "jobs":
+            return self._list(h.path, tenant)
         with self._lock:
             job = dict(self.jobs[job_id]) if job_id in self.jobs else None
         if job is None or (tenant is not None and tenant != job["tenant"]):
@@ -222,3 +235,47 @@ class FakeBackend:
         ):
             return detail(409, f"job is {job['status']}; refused", status=job["status"])
         return 200, json.dumps({**job, **body}).encode(), body
+
+    # -- the job list (for the intake): ``GET jobs/``, added for tests/test_intake.py
+
+    def _list(self, path: str, tenant: str | None) -> tuple[int, bytes, None]:
+        """``GET jobs/?status=&action=&page_size=&page=``, paged like the local backend
+        (DRF): ``next`` is an absolute URL or null, a page past the end is 404. A job
+        without an ``action`` field counts as an inference job."""
+        query = parse_qs(urlsplit(path).query)
+
+        def arg(name: str, default: str | None = None) -> str | None:
+            return query.get(name, [default])[0]
+
+        status, action = arg("status"), arg("action")
+        try:
+            page_size, page = (
+                max(1, int(arg("page_size", "100") or 100)),
+                int(arg("page", "1") or 1),
+            )
+        except ValueError:
+            return 404, json.dumps({"detail": "Invalid page."}).encode(), None
+        with self._lock:
+            matching = [
+                dict(job)
+                for job in self.jobs.values()
+                if (status is None or job["status"] == status)
+                and (action is None or job.get("action", "inference") == action)
+                and (tenant is None or job["tenant"] == tenant)
+            ]
+        results = matching[(page - 1) * page_size : page * page_size]
+        if page < 1 or (page > 1 and not results):
+            return 404, json.dumps({"detail": "Invalid page."}).encode(), None
+        params = {k: v[0] for k, v in query.items()}
+
+        def page_url(n: int) -> str:
+            return f"{self.url}/jobs/?{urlencode({**params, 'page': n})}"
+
+        more = page * page_size < len(matching)
+        answer = {
+            "count": len(matching),
+            "next": page_url(page + 1) if more else None,
+            "previous": page_url(page - 1) if page > 1 else None,
+            "results": results,
+        }
+        return 200, json.dumps(answer).encode(), None
