@@ -27,10 +27,15 @@ JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}
 # "Token abc", "Bearer abc" as in auth headers.
 AUTH_RE = re.compile(r"\b(Token|Bearer|TOKEN|BEARER|bearer)\s+[A-Za-z0-9._~+/=-]{6,}")
 # Passwords inside URLs: scheme://user:password@host
-URL_PASSWORD_RE = re.compile(r"(?P<pre>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s/]+)(?P<at>@)")
+# Each pattern that starts with a repeat is anchored where a word starts: scanning a
+# long run of letters stays linear (unanchored, every position retried the run).
+URL_PASSWORD_RE = re.compile(
+    r"(?P<pre>(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s/]+)(?P<at>@)"
+)
 # key=value / "key": "value" forms for secret-looking keys inside free text.
 KV_RE = re.compile(
-    r"""(?P<k>["']?(?:[a-z_]*token|jwt|secret|password|api_key|authorization)["']?\s*[:=]\s*)"""
+    r"""(?P<k>["']?(?<![a-z0-9_])(?:[a-z_]*token|jwt|secret|password|api_key|authorization)"""
+    r"""["']?\s*[:=]\s*)"""
     r"""(?P<q>["']?)(?P<v>[^"'\s,}&]{4,})""",
     re.IGNORECASE,
 )

@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu.exceptions import OperationalError
 
 from config import load_settings
 from config.settings import Settings, get_settings
@@ -346,14 +345,6 @@ def test_run_forever_stops_at_once_in_the_middle_of_a_backoff(
     assert not died and len(list_polls(fake)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OperationalError,
-    reason="DEFECT worker/intake.py:111: run_forever backs off on BackendError and "
-    "redis.RedisError only; a broker that cannot be reached makes send_message "
-    "(worker/intake.py:91) raise kombu's OperationalError, which ends run_forever and "
-    "with it `synapse-bridge intake` (worker/cli.py:196)",
-)
 def test_run_forever_keeps_polling_while_the_broker_is_down(
     world: Callable[..., World], fake: FakeBackend, r: redis.Redis
 ) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from cryptography.fernet import Fernet
 from kombu import Connection, Exchange, Queue
 
 from tests.conftest import wait_for
@@ -37,6 +38,18 @@ QUEUE_KEYS = [QUEUE, *(f"{QUEUE}:{p}" for p in range(1, 10))]
 @pytest.fixture
 def db_url(redis_url: str) -> str:
     return redis_url.rsplit("/", 1)[0] + f"/{LEDGER_DB}"
+
+
+@pytest.fixture(autouse=True)
+def sealing_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Jobs' wire form seals the token: give this module a key of its own."""
+    from config import get_settings
+
+    monkeypatch.setenv("SYNAPSE_BRIDGE_SEALING_KEY", Fernet.generate_key().decode())
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 @pytest.fixture

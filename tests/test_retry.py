@@ -70,14 +70,6 @@ def test_a_delay_never_exceeds_the_cap_however_many_retries() -> None:
         assert 30.0 <= policy.delay(retries_done) <= 60.0, retries_done
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="DEFECT worker/retry.py:24: base_s * 2**retries_done converts an int over "
-    "2**1023 to float; from 1024 retries on, delay() raises OverflowError. The intake's "
-    "run_forever (worker/intake.py:103-114) counts failures without bound, so a backend "
-    "down for ~1024 polls (8-17 h at the cap) ends the intake loop with an OverflowError",
-)
 def test_a_delay_is_capped_even_after_a_very_long_outage() -> None:
     policy = RetryPolicy(max_retries=10**9, base_s=5.0, cap_s=60.0)
     assert 30.0 <= policy.delay(1024) <= 60.0

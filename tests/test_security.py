@@ -494,7 +494,9 @@ def test_job_message_reprs_mask_the_token() -> None:
         safe_kwargsrepr({"job": raw}),
     ]
     check("JobMessage reprs mask the token", not any(leaks(s) for s in shown), str(shown)[:300])
-    assert msg.wire()["token"] == TOKENS["alice"]  # only the broker copy carries it
+    sealed = msg.wire()["token"]  # the broker copy carries it sealed, not readable
+    assert sealed.startswith("sealed:v1:") and TOKENS["alice"] not in sealed
+    assert parse_job(msg.wire()).token.get_secret_value() == TOKENS["alice"]
 
 
 # --------------------------------------------------------------------------- the scan

@@ -74,14 +74,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A bridge app configured now (a producer for another broker, say)."""
-    celery = Celery("synapse_bridge")
+    celery = Celery("synapse_bridge", task_cls="worker.request:SafeTask")
     celery.conf.update(celery_config(settings or get_settings()))
     return celery
 
 
 # The process's app is configured when it is first used, not when it is imported:
 # importing a module that defines tasks must not freeze the settings of the moment.
-app = Celery("synapse_bridge")
+app = Celery("synapse_bridge", task_cls="worker.request:SafeTask")  # inspect shows no kwargs
 
 
 @app.on_configure.connect

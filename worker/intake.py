@@ -17,9 +17,10 @@ import structlog
 
 from config import Settings
 from worker.app import app
-from worker.backend_api import BackendAPI, BackendError
+from worker.backend_api import BackendAPI
 from worker.ledger import Ledger
 from worker.message import InvalidJob, parse_job
+from worker.pipeline import error_text
 from worker.retry import RetryPolicy
 from worker.services import Services, services
 from worker.settle import Settler
@@ -95,7 +96,8 @@ class Intake:
         return enqueued
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
-        """Poll every interval; back off while the backend fails."""
+        """Poll every interval; back off while anything fails (the backend, Redis, the
+        broker): a claimed job that could not be published is in the ledger already."""
         stop = stop or threading.Event()
         policy = RetryPolicy(
             max_retries=10**9,
@@ -108,10 +110,12 @@ class Intake:
                 self.poll_once()
                 failures = 0
                 wait = self.settings.intake_interval_s
-            except (BackendError, redis.RedisError) as e:
+            except Exception as e:  # the backend, Redis or the broker: the loop goes on
                 wait = policy.delay(failures)
                 failures += 1
                 log.warning(
-                    "intake poll failed; backing off", error=str(e), retry_in_s=round(wait, 1)
+                    "intake poll failed; backing off",
+                    error=error_text(e),
+                    retry_in_s=round(wait, 1),
                 )
             stop.wait(wait)

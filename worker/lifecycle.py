@@ -18,6 +18,7 @@ from worker import metrics
 from worker.app import app
 from worker.broker import queued
 from worker.message import QUEUE, parse_job
+from worker.sealing import sealer
 from worker.services import Services, services
 from worker.submit import send_message
 from worker.writeback import Flusher
@@ -41,6 +42,7 @@ def _start(**_: Any) -> None:
     svc = services()
     settings = svc.settings
     configure_logging(settings.log_format, settings.log_level)
+    sealer(settings)  # a missing or malformed sealing key stops the worker here, named
     metrics.serve_metrics(settings.metrics_port, [QUEUE], svc.redis)
     with _flusher_lock:
         if _flusher is None:

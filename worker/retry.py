@@ -21,7 +21,9 @@ class RetryPolicy:
 
     def delay(self, retries_done: int, rng: random.Random | None = None) -> float:
         """Seconds before the next try: uniform in [ceiling/2, ceiling], ceiling doubling."""
-        ceiling = min(self.cap_s, self.base_s * (2**retries_done))
+        # The exponent is bounded: past 2**64 the ceiling is the cap anyway, and an
+        # unbounded power of two overflows a float after 1023 retries.
+        ceiling = min(self.cap_s, self.base_s * (2 ** min(retries_done, 64)))
         return (rng or random).uniform(ceiling / 2, ceiling)
 
     def exhausted(self, retries_done: int) -> bool:

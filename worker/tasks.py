@@ -30,6 +30,7 @@ from worker.message import (
     safe_kwargsrepr,
 )
 from worker.pipeline import Job, PollState, Step, error_text, failed, process
+from worker.request import SafeTask
 from worker.services import Services, services
 from worker.settle import Settler
 from worker.steps import (
@@ -44,11 +45,9 @@ from worker.steps import (
 log = structlog.get_logger("worker.tasks")
 
 
-class BridgeTask(Task):
+class BridgeTask(SafeTask):
     """Every send carries a redacted kwargs repr (retries and polls included), and
-    inspect/Flower see only that repr of a running task."""
-
-    Request = "worker.request:SafeRequest"
+    inspect/Flower see only that repr of a running task (``SafeRequest``)."""
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         options["kwargsrepr"] = safe_kwargsrepr(kwargs)
