@@ -364,23 +364,3 @@ def _short(data: Any) -> str:
     if isinstance(data, _Unreadable):
         return str(data)
     return redact_text(json.dumps(data, default=str)[:300]) if data is not None else ""
-
-
-_default: BackendAPI | None = None
-_lock = threading.Lock()
-
-
-def default_backend() -> BackendAPI:
-    global _default
-    with _lock:
-        if _default is None:
-            _default = BackendAPI()
-        return _default
-
-
-def reset_default_backend() -> None:
-    global _default
-    with _lock:
-        if _default is not None:
-            _default.close()
-        _default = None
