@@ -44,13 +44,13 @@ def _start(**_: Any) -> None:
     configure_logging(settings.log_format, settings.log_level)
     sealer(settings)  # a missing or malformed sealing key stops the worker here, named
     metrics.serve_metrics(settings.metrics_port, [QUEUE], svc.redis)
+
+    def ledger_sweep() -> int:  # named: housekeeping logs name their chores
+        return sweep_ledger(svc)
+
     with _flusher_lock:
         if _flusher is None:
-            _flusher = Flusher(
-                svc.writeback,
-                settings.outbox_flush_interval_s,
-                [lambda: sweep_ledger(svc)],
-            )
+            _flusher = Flusher(svc.writeback, settings.outbox_flush_interval_s, [ledger_sweep])
             _flusher.start()
     if settings.ready_file is not None:  # for probes and supervisors
         settings.ready_file.write_text(str(os.getpid()))
