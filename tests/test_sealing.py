@@ -43,9 +43,10 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 
 
 def sealer_of(**settings: Any) -> Any:
+    """A sealer from these settings alone: no key of the session's environment."""
     from worker.sealing import sealer
 
-    return sealer(load_settings(**settings))
+    return sealer(load_settings(**{"sealing_key": None, **settings}))
 
 
 # --------------------------------------------------------------------------- the sealer

@@ -41,9 +41,12 @@ class CountingRedis(redis.Redis):
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[CountingRedis]:
-    client = CountingRedis.from_url(redis_url, decode_responses=True)  # as the worker's
-    client.delete(OUTBOX, DEAD_OUTBOX)
+    # A database of its own: the session's worker flushes the outbox of the main one.
+    url = redis_url.rsplit("/", 1)[0] + "/14"
+    client = CountingRedis.from_url(url, decode_responses=True)  # as the worker's
+    client.flushdb()
     yield client
+    client.flushdb()
     client.close()
 
 

@@ -159,7 +159,9 @@ def _job(
     return job
 
 
-@app.task(name=TASK_NAME, bind=True, base=BridgeTask, acks_late=True, max_retries=None)
+@app.task(
+    name=TASK_NAME, bind=True, base=BridgeTask, acks_late=True, max_retries=None, shared=False
+)
 def run(self: Task, *args: Any, job: Any = None, **unexpected: Any) -> dict[str, Any]:
     """Run one job (a single request or a batch)."""
     if args:
@@ -167,7 +169,9 @@ def run(self: Task, *args: Any, job: Any = None, **unexpected: Any) -> dict[str,
     return _handle(self, job, unexpected)
 
 
-@app.task(name=POLL_TASK_NAME, bind=True, base=BridgeTask, acks_late=True, max_retries=None)
+@app.task(
+    name=POLL_TASK_NAME, bind=True, base=BridgeTask, acks_late=True, max_retries=None, shared=False
+)
 def poll(
     self: Task,
     *args: Any,
@@ -194,7 +198,7 @@ def poll(
     return _handle(self, job, unexpected, poll=state)
 
 
-@app.task(name=FAIL_INVALID_TASK_NAME, bind=True, base=BridgeTask, acks_late=True)
+@app.task(name=FAIL_INVALID_TASK_NAME, bind=True, base=BridgeTask, acks_late=True, shared=False)
 def fail_invalid(
     self: Task, *, job_id: str, error: str, tenant: str | None = None
 ) -> dict[str, Any]:
