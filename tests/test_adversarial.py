@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -180,6 +181,17 @@ def leaked() -> int:
     return tokens_at_rest(redis_client(), [TOKENS["alice"]], logs)
 
 
+def jobs_counted(port: str) -> dict[str, float]:
+    """``synapse_jobs_total`` by outcome, from the session worker's metrics endpoint."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith('synapse_jobs_total{outcome="'):
+            label, value = line.split('"')[1], line.rsplit(" ", 1)[1]
+            out[label] = float(value)
+    return out
+
+
 def _worker_log_tail() -> str:
     """The session worker's log (tests/conftest.py's ``worker_proc``)."""
     path = Path(os.environ["SYNAPSE_TEST_EVENTS_DIR"]) / "worker.log"
@@ -190,9 +202,14 @@ def _worker_log_tail() -> str:
 
 
 @pytest.mark.usefixtures("worker_proc")
-def test_a_job_stopped_mid_run_is_not_overwritten(admin: Any, session_dir: Path) -> None:
+def test_a_job_stopped_mid_run_is_not_overwritten(
+    admin: Any, session_dir: Path, worker_env: dict[str, str]
+) -> None:
     """Stopped while its inference runs: the final write sees STOPPED and drops the
-    result; no write of the worker's lands (or is even attempted) after the stop."""
+    result; no write of the worker's lands (or is even attempted) after the stop, and
+    the jobs counter says so (A14: a dropped result is not counted as succeeded)."""
+    port = worker_env["SYNAPSE_BRIDGE_METRICS_PORT"]
+    before = jobs_counted(port)
     body = {"sleep_s": 0.4, "count": f"stop-{uuid.uuid4().hex[:8]}"}
     job_id = new_job(admin, model=22, release=PROBE, json=body)
     send(job_id, model=22, release=PROBE, json=body)
@@ -217,6 +234,9 @@ def test_a_job_stopped_mid_run_is_not_overwritten(admin: Any, session_dir: Path)
     counts = path_counts(admin, [job_id], stopped={job_id}, tokens_found=leaked())
     record_path("A5 job stopped mid-run", counts, "STOPPED by a person while the serve call runs")
     assert counts.cancel_overwritten == 0
+    after = jobs_counted(port)
+    assert after.get("already_final", 0) == before.get("already_final", 0) + 1
+    assert after.get("succeeded", 0) == before.get("succeeded", 0)
     assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
 
 
