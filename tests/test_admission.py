@@ -404,6 +404,7 @@ def test_workers_with_admission_load_each_model_once_per_wave(
     # each model about once; a thrashing LRU loads on most switches (dozens).
     from config import load_settings
     from tests.conftest import WorkerProcess
+    from tests.fault_kit import path_counts, record_path
     from tests.test_serve_e2e import stats
     from tests.test_worker import PROBE, new_job, send, wait_final
     from worker.app import create_app
@@ -440,6 +441,13 @@ def test_workers_with_admission_load_each_model_once_per_wave(
         assert loads <= 2 * len(models), f"{loads} loads for {len(models)} models"
         a = ModelAdmission(redis.Redis.from_url(url), 2)
         assert all(n == 0 for n in a.snapshot()["active"].values())  # no lease left
+        counts = path_counts(admin, jobs)
+        record_path(
+            "A11 admission on, two workers",
+            counts,
+            f"80 jobs over 4 models, 2 admitted at a time; {loads} model loads",
+        )
+        assert (counts.lost, counts.stuck, counts.written_twice) == (0, 0, 0)
     finally:
         for w in workers:
             w.stop()

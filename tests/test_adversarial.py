@@ -370,3 +370,108 @@ def test_a_failed_item_does_not_recompute_the_rest_of_its_chunk(
     counts = path_counts(admin, [job_id], tokens_found=leaked())
     record_path("A13 failing batch item", counts, "one item of a 4-item chunk fails on every try")
     assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
+
+
+# --- A1: a message lost between the broker's pop and the worker's record of it
+
+
+def test_a_message_lost_between_pop_and_ack_is_republished(
+    admin: Any, redis_url: str, own_worker: Any
+) -> None:
+    """Published, then taken off the broker's list as a worker killed right after BRPOP
+    leaves it: the ledger's sweep, in a real worker, publishes it again once the queue
+    is empty and the grace (the visibility timeout) has passed."""
+    from config import load_settings
+    from worker.app import create_app
+    from worker.ledger import Ledger
+    from worker.message import QUEUE, parse_job
+    from worker.submit import send_message
+
+    db = 7
+    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
+    r = redis.Redis.from_url(url, decode_responses=True)
+    r.flushdb()
+    job_id = new_job(admin)
+    raw = {
+        "job_id": job_id,
+        "tenant": "acme",
+        "token": TOKENS["alice"],
+        "model": 12,
+        "json": {"inputs": ROWS},
+        "release": RELEASE,
+        "submitted_at": time.time(),
+    }
+    grace = 12.0
+    send_message(
+        parse_job(raw),
+        app=create_app(load_settings(redis_url=url)),
+        ledger=Ledger(r, grace_s=grace),
+    )
+    lists = [k for k in r.scan_iter(f"{QUEUE}*") if r.type(k) == "list"]
+    assert sum(r.llen(k) for k in lists) == 1
+    for k in lists:
+        r.delete(k)  # the pop: no worker will ever see this delivery
+    own_worker(
+        db,
+        SYNAPSE_BRIDGE_VISIBILITY_TIMEOUT=str(int(grace)),
+        SYNAPSE_BRIDGE_TASK_SOFT_TIME_LIMIT="2",
+        SYNAPSE_BRIDGE_TASK_TIME_LIMIT="3",
+        SYNAPSE_BRIDGE_BACKEND_TIMEOUT="1",
+    )
+    final = wait_final(admin, job_id, timeout=60)
+    assert final["status"] == "SUCCEEDED"
+    counts = path_counts(admin, [job_id], tokens_found=leaked())
+    record_path(
+        "A1 message lost between pop and ack",
+        counts,
+        "message removed from the broker's list before any worker recorded it",
+    )
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
+
+
+# --- A2 and A4: what the backend refuses or garbles does not strand the job
+
+
+@pytest.mark.usefixtures("worker_proc")
+def test_a_result_too_large_for_the_backend_fails_the_job_with_its_size(admin: Any) -> None:
+    items = [{"inputs": [ROWS[i % 2]]} for i in range(60)]
+    job_id = new_job(admin, items=items)
+    admin.set_faults(
+        [{"path_prefix": f"jobs/{job_id}/", "methods": ["PATCH"], "max_body_bytes": 2000}]
+    )
+    try:
+        send(job_id, items=items)
+        final = wait_final(admin, job_id, timeout=60)
+    finally:
+        admin.clear_faults()
+    assert final["status"] == "FAILED"
+    error = json.dumps(final["result"])
+    assert "large" in error and "bytes" in error, error
+    counts = path_counts(admin, [job_id], tokens_found=leaked())
+    record_path(
+        "A4 result too large (413)", counts, "the backend refuses PATCH bodies over 2000 bytes"
+    )
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)
+
+
+@pytest.mark.usefixtures("worker_proc")
+def test_a_garbled_answer_to_one_write_does_not_hold_up_the_next(admin: Any) -> None:
+    first, second = new_job(admin), new_job(admin)
+    admin.set_faults(
+        [{"path_prefix": f"jobs/{first}/", "methods": ["PATCH"], "non_json_rate": 1.0}]
+    )
+    try:
+        send(first)
+        send(second)
+        assert wait_final(admin, second, timeout=60)["status"] == "SUCCEEDED"
+        done = wait_final(admin, first, timeout=60)  # applied, its answer unreadable
+    finally:
+        admin.clear_faults()
+    assert done["status"] == "SUCCEEDED"
+    counts = path_counts(admin, [first, second], tokens_found=leaked())
+    record_path(
+        "A2 2xx answer that is not JSON",
+        counts,
+        "the backend answers a job's PATCHes with an HTML page",
+    )
+    assert (counts.lost, counts.stuck, counts.written_twice, counts.tokens_found) == (0, 0, 0, 0)

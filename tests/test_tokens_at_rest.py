@@ -33,6 +33,7 @@ import pytest
 import redis
 
 from tests.conftest import WorkerProcess, wait_for
+from tests.fault_kit import path_counts, record_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("worker_proc")]
 
@@ -251,6 +252,13 @@ def test_no_token_at_rest_while_jobs_are_in_flight(
         f"eta messages seen={seen['eta_in_broker']}, active seen={seen['active']}"
     )
     print(report)
+    counts = path_counts(admin, [deferred, retried, dead], tokens_found=len(found))
+    record_path(
+        "A9 tokens at rest (deferred, retried, dead-lettered, invalid jobs)",
+        counts,
+        "Redis (every key, every db), queues, unacked, DLQ, invalid queue, inspect, worker log "
+        f"scanned {seen['rounds']} times while in flight",
+    )
     assert not found, report + "\n" + "\n".join(found[:40])
     # The scan read real in-flight state: sealed tokens in the broker, a poll or retry
     # waiting for its time (in inspect's scheduled, or its message in the broker).
