@@ -55,6 +55,7 @@ def render_paths(rows: list[dict]) -> list[str]:
         " cancellation overwritten | tokens found | run at |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+
     def order(row: dict) -> tuple[int, str]:  # A1, A2, ..., A13: by issue item
         head = row["scenario"].split()[0]
         return (int(head[1:]) if head[1:].isdigit() else 999, row["scenario"])
