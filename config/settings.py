@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from config.errors import BridgeError
+from config.logging import redact_text
 
 CONFIG_FILE_ENV = "SYNAPSE_BRIDGE_CONFIG"
 
@@ -266,8 +267,6 @@ class Settings(BaseSettings):
         return self.redis_url or "redis://127.0.0.1:6379/0"
 
     def __repr_args__(self) -> Any:
-        from config.logging import redact_text
-
         for name, value in super().__repr_args__():
             yield name, redact_text(value) if isinstance(value, str) else value
 

@@ -29,6 +29,7 @@ from devtools.demo_env import DEMO_MODELS, DEMO_USERS, EXAMPLE_PLUGIN, demo_stac
 from devtools.redis_server import ensure_redis
 from local_backend.client import AdminClient
 from serve_runtime.remote import infer_remote
+from worker.submit import submit
 
 ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
 RELEASE = {"code": "example-classifier", "version": "1.0.0"}
@@ -179,11 +180,7 @@ def run_demo(
             worker = start_worker(workdir, worker_env, concurrency)
         stack.callback(_stop, worker)
 
-        get_settings.cache_clear()
-        # worker.app builds its Celery app from the settings at import: import it only
-        # now that REDIS_URL names the Redis above.
-        from worker.submit import submit
-
+        get_settings.cache_clear()  # the worker's app and services read them on first use
         admin = stack.enter_context(AdminClient(env_stack.backend.url))
         specs = make_jobs(admin, jobs, batch_items)
         started = time.time()

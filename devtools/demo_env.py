@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config.settings import get_settings
 from local_backend.client import AdminClient
 from local_backend.server import BackendProcess, free_port
 
@@ -103,8 +104,6 @@ def demo_stack(
                 "SYNAPSE_BRIDGE_MODEL_DIR": str(workdir / "models"),
             }
         )
-        from config.settings import get_settings
-
         get_settings.cache_clear()
         import ray
 

@@ -22,11 +22,7 @@ import redis
 
 from tests.conftest import TOKENS, WorkerProcess, wait_for
 from tests.fault_kit import PathCounts, path_counts, record_path, tokens_at_rest
-
-RELEASE = {"code": "example-classifier", "version": "1.0.0"}
-PROBE = {"code": "probe", "version": "0.1.0"}
-ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0]]
-FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+from tests.test_worker import PROBE, RELEASE, ROWS, wait_final
 
 
 def new_job(admin: Any, *, model: int = 12, release: dict | None = None, **params: Any) -> str:
@@ -42,15 +38,13 @@ def new_job(admin: Any, *, model: int = 12, release: dict | None = None, **param
     return job_id
 
 
-def send(
-    job_id: str, *, app: Any = None, model: int = 12, release: dict | None = None, **payload: Any
-) -> None:
-    from worker.message import parse_job
-    from worker.submit import send_message
-
+def raw_job(
+    job_id: str, *, model: int = 12, release: dict | None = None, **payload: Any
+) -> dict[str, Any]:
+    """A job message as a producer writes it (alice's plain token)."""
     if "items" not in payload and "json" not in payload:
         payload["json"] = {"inputs": ROWS}
-    raw = {
+    return {
         "job_id": job_id,
         "tenant": "acme",
         "token": TOKENS["alice"],
@@ -59,20 +53,20 @@ def send(
         "submitted_at": time.time(),
         **payload,
     }
+
+
+def send(
+    job_id: str, *, app: Any = None, model: int = 12, release: dict | None = None, **payload: Any
+) -> None:
+    from worker.message import parse_job
+    from worker.submit import send_message
+
+    raw = raw_job(job_id, model=model, release=release, **payload)
     send_message(parse_job(raw), app=app)
 
 
 def redis_client() -> redis.Redis:
     return redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
-
-
-def wait_final(admin: Any, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    return wait_for(
-        lambda: (j := admin.job(job_id))["status"] in FINAL and j,
-        timeout=timeout,
-        interval=0.1,
-        what=f"job {job_id} final",
-    )
 
 
 def events(session_dir: Path, event: str) -> list[dict[str, Any]]:
@@ -117,14 +111,7 @@ def test_a_poll_message_that_cannot_be_decoded_fails_its_job(admin: Any) -> None
     from worker.message import POLL_TASK_NAME
 
     job_id = new_job(admin)
-    job = {
-        "job_id": job_id,
-        "tenant": "acme",
-        "token": TOKENS["alice"],
-        "model": 12,
-        "json": {"inputs": ROWS},
-        "release": RELEASE,
-    }
+    job = raw_job(job_id)
     app.send_task(POLL_TASK_NAME, kwargs={"job": job, "ticket": 42}, kwargsrepr="{}")
     final = wait_final(admin, job_id, timeout=30)
     assert final["status"] == "FAILED"
@@ -255,14 +242,7 @@ def test_a_long_deferred_job_survives_one_transient_poll_error(
     from worker.tasks import poll
 
     job_id = new_job(admin)
-    job = {
-        "job_id": job_id,
-        "tenant": "acme",
-        "token": TOKENS["alice"],
-        "model": 12,
-        "json": {"inputs": ROWS},
-        "release": RELEASE,
-    }
+    job = raw_job(job_id)
     monkeypatch.setenv("SYNAPSE_SERVE_URL", "http://127.0.0.1:9")  # nothing listens
     _reset_process_singletons()
     try:
@@ -392,15 +372,7 @@ def test_a_message_lost_between_pop_and_ack_is_republished(
     r = redis.Redis.from_url(url, decode_responses=True)
     r.flushdb()
     job_id = new_job(admin)
-    raw = {
-        "job_id": job_id,
-        "tenant": "acme",
-        "token": TOKENS["alice"],
-        "model": 12,
-        "json": {"inputs": ROWS},
-        "release": RELEASE,
-        "submitted_at": time.time(),
-    }
+    raw = raw_job(job_id)
     grace = 12.0
     send_message(
         parse_job(raw),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from cryptography.fernet import Fernet
 from kombu import Connection, Exchange, Queue
 
 from tests.conftest import wait_for
+from tests.test_worker import RABBIT_URL, _rabbit_reachable
 from worker.broker import queued
 from worker.ledger import DUE, ENTRY_PREFIX, LEGACY, TTL_GRACES, Ledger
 from worker.message import QUEUE, TASK_NAME, JobMessage, parse_job
@@ -30,7 +30,6 @@ from worker.submit import send_message
 
 GRACE = 0.3  # seconds: the ledger's grace in these tests
 LEDGER_DB = 13  # a database of its own, emptied by each test
-RABBIT_URL = os.environ.get("SYNAPSE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 # The lists kombu keeps for QUEUE, one per priority step (priority_steps 0..9, sep ":").
 QUEUE_KEYS = [QUEUE, *(f"{QUEUE}:{p}" for p in range(1, 10))]
 
@@ -281,15 +280,6 @@ def test_queued_cannot_tell_on_other_transports_or_a_dead_broker() -> None:
     dead.conf.broker_connection_timeout = 0.5
     dead.conf.broker_transport_options = {"max_retries": 1}
     assert queued(dead, QUEUE) is None
-
-
-def _rabbit_reachable() -> bool:
-    try:
-        with Connection(RABBIT_URL, connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=1)
-        return True
-    except Exception:
-        return False
 
 
 @pytest.mark.slow

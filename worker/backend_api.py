@@ -29,7 +29,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from config import Settings, get_settings, redact_text
+from config import Settings, SettingsError, get_settings, redact_text
 from config.errors import BridgeError
 from worker.message import JOB_ID_PATTERN
 
@@ -206,8 +206,6 @@ class BackendAPI:
         self.base_url = (base_url or settings.require_backend_url()).rstrip("/")
         token = settings.access_token.get_secret_value() if settings.access_token else None
         if not token:
-            from config import SettingsError
-
             raise SettingsError("the worker needs SYNAPSE_ACCESS_TOKEN (a service token)")
         self.deadline_s = settings.backend_timeout_s
         pool = max(64, settings.worker_concurrency + 8)  # every thread may write at once

@@ -35,6 +35,11 @@ from worker.retry import RetryPolicy
 POLL_ERRORS_PER_RETRY = 10
 
 
+def poll_errors_exhausted(errors: int, policy: RetryPolicy) -> bool:
+    """The job has met as many failed polls as its retry bound allows."""
+    return errors >= policy.max_retries * POLL_ERRORS_PER_RETRY
+
+
 def execute_single(serve: ServeClient, job: Job) -> Outcome:
     msg = job.msg
     t0 = time.perf_counter()
@@ -81,7 +86,7 @@ def execute_poll(serve: ServeClient, settings: Settings, policy: RetryPolicy, jo
         return time_limit_failure(job)
     except ServeError as e:
         errors = state.errors + 1
-        if not e.transient or errors >= policy.max_retries * POLL_ERRORS_PER_RETRY:
+        if not e.transient or poll_errors_exhausted(errors, policy):
             return failed(error_text(e), inference_s=waited)
         backoff = policy.delay(min(errors, 6))
         return Deferred(

@@ -18,7 +18,7 @@ from celery import Celery, Task
 
 from worker import metrics
 from worker.batch import forget_checkpoint
-from worker.inference import POLL_ERRORS_PER_RETRY
+from worker.inference import poll_errors_exhausted
 from worker.message import (
     DEAD_LETTER_TASK_NAME,
     DLQ,
@@ -113,6 +113,9 @@ class Settler:
     def retry_or_fail(self, task: Task, job: Job, error: str) -> None:
         if job.poll is not None:  # a poll that failed unexpectedly counts as a poll error
             state = job.poll
+            if poll_errors_exhausted(state.errors + 1, self.svc.retry):
+                self.finish(job, failed(f"gave up polling after {state.errors + 1} errors"))
+                return
             self.schedule_poll(
                 job,
                 Deferred(
@@ -150,9 +153,6 @@ class Settler:
 
     def schedule_poll(self, job: Job, deferred: Deferred) -> None:
         state = deferred.poll
-        if job.poll is not None and state.errors >= self._poll_error_bound():
-            self.finish(job, failed(f"gave up polling after {state.errors} errors"))
-            return
         kwargs = {
             "job": job.msg.wire(),
             "ticket": state.ticket,
@@ -173,9 +173,6 @@ class Settler:
             kwargsrepr=safe_kwargsrepr(kwargs),
             argsrepr="()",
         )
-
-    def _poll_error_bound(self) -> int:
-        return self.svc.retry.max_retries * POLL_ERRORS_PER_RETRY
 
     def requeue(self, msg: JobMessage, reason: str) -> None:
         send_message(msg, app=self.app, ledger=self.svc.ledger)
