@@ -39,6 +39,7 @@ from serve_runtime.model_store import (
     ModelStore,
     identity,
 )
+from serve_runtime.remote import infer_remote as remote_call
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
@@ -157,9 +158,7 @@ class BaseServeDeployment(BaseAction):
     @classmethod
     def infer_remote(cls, params: dict[str, Any], ctx: Any) -> Any:
         """Call the deployed endpoint (route prefix, model token, request), as the SDK does."""
-        from serve_runtime.remote import infer_remote
-
-        return infer_remote(params, ctx)
+        return remote_call(params, ctx)
 
     async def get_model(self) -> Any:
         """The model for this request's multiplexing header, authorized for its caller."""
