@@ -46,8 +46,14 @@ def build_application(
     action: str = "inference",
     settings: Settings | None = None,
     overrides: dict[str, Any] | None = None,
+    app_name: str | None = None,
+    route_prefix: str | None = None,
 ) -> DeploySpec:
-    """Build (not run) the Serve application for a plugin's serve action."""
+    """Build (not run) the Serve application for a plugin's serve action.
+
+    ``app_name`` and ``route_prefix`` replace the ones the plugin's release gives: a
+    second copy of one plugin (another replica count, say) beside the first.
+    """
     from ray import serve
 
     settings = settings or get_settings()
@@ -107,8 +113,8 @@ def build_application(
         if v
     }
     return DeploySpec(
-        app_name=app_name_for(cfg.code, cfg.version),
-        route_prefix=resolve_route_prefix(env, plugin_dir),
+        app_name=app_name or app_name_for(cfg.code, cfg.version),
+        route_prefix=route_prefix or resolve_route_prefix(env, plugin_dir),
         application=application,
     )
 
@@ -155,6 +161,8 @@ def deploy(
     action: str = "inference",
     settings: Settings | None = None,
     overrides: dict[str, Any] | None = None,
+    app_name: str | None = None,
+    route_prefix: str | None = None,
     blocking: bool = False,
 ) -> DeploySpec:
     """Deploy a plugin's serve action at its resolved route prefix (HTTP port 8100 default)."""
@@ -163,7 +171,14 @@ def deploy(
     settings = settings or get_settings()
     ensure_ray(settings)
     ensure_serve(settings)
-    spec = build_application(plugin_dir, action=action, settings=settings, overrides=overrides)
+    spec = build_application(
+        plugin_dir,
+        action=action,
+        settings=settings,
+        overrides=overrides,
+        app_name=app_name,
+        route_prefix=route_prefix,
+    )
     serve.run(
         spec.application, name=spec.app_name, route_prefix=spec.route_prefix, blocking=blocking
     )

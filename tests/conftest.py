@@ -183,6 +183,22 @@ def probe_app(ray_serve: None) -> Any:
     return deploy(PROBE_PLUGIN)
 
 
+# Two replicas of the probe plugin: polls and loads that land on either one.
+PROBE_PAIR_PREFIX = "/probepair"  # the route of jobs whose release checksum is "probepair"
+
+
+@pytest.fixture(scope="session")
+def probe_pair_app(ray_serve: None) -> Any:
+    from serve_runtime.deploy import deploy
+
+    return deploy(
+        PROBE_PLUGIN,
+        overrides={"num_replicas": 2},
+        app_name="probe-pair",
+        route_prefix=PROBE_PAIR_PREFIX,
+    )
+
+
 # --- the worker tier: Redis, a worker process
 
 
