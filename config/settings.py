@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     max_download_bytes: int = _env("SYNAPSE_BRIDGE_MAX_DOWNLOAD_BYTES", default=2 * 1024**3)
     max_unpacked_bytes: int = _env("SYNAPSE_BRIDGE_MAX_UNPACKED_BYTES", default=8 * 1024**3)
     auth_cache_ttl_s: float = _env("SYNAPSE_BRIDGE_AUTH_CACHE_TTL", default=30.0)
+    # A model that failed to fetch or load is refused this long before it is tried
+    # again: a broken model does not evict healthy ones at every request.
+    model_failure_backoff_s: float = _env("SYNAPSE_BRIDGE_MODEL_FAILURE_BACKOFF", default=10.0)
     # The worker: one backend call's total deadline, first byte sent to last byte read
     # (the write-back's job lock outlives three of them). The replicas: their timeout.
     backend_timeout_s: float = _env("SYNAPSE_BRIDGE_BACKEND_TIMEOUT", default=30.0)
@@ -222,6 +225,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "running_mark_after_s",
+        "model_failure_backoff_s",
         "active_models",
         "model_idle_s",
         "model_max_wait_s",

@@ -4,10 +4,12 @@ Subclasses keep the SDK's surface: ``app = FastAPI()`` as a class attribute, an
 ``infer`` endpoint decorated with ``@app.post('/')``, ``_get_model(model_info)``.
 What changes underneath:
 
-* Ray Serve's ``serve.multiplexed`` bounds the models per replica and routes by the
-  multiplexing header. Its entries are cheap handles onto a ``ModelStore`` keyed by
-  what a model is, so two users of one model share one loaded copy, and an evicted
-  handle releases the copy (release hook, then its directory) when the last goes.
+* The ``ModelStore`` bounds the models per replica (``max_models_per_replica``) with
+  its own LRU, keyed by what a model is, so two users of one model share one loaded
+  copy; it fetches and verifies before it evicts, remembers failing models briefly,
+  and frees a copy (release hook, then its files) only when no request uses it. It
+  reports its models to Serve's router, as ``serve.multiplexed`` does, so requests
+  follow their model.
 * Every request is authorized for its model against the backend with the caller's
   own token (cached briefly), before any shared copy serves it.
 * Two routing modes: compatible (the header is the SDK's JWT) and model-affine (the
@@ -16,28 +18,32 @@ What changes underneath:
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import os
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import structlog
 from fastapi import FastAPI, HTTPException
+from ray import serve
 
 from config import configure_logging, get_settings
 from serve_runtime.action import BaseAction
 from serve_runtime.batcher import DeviceBatcher
 from serve_runtime.deferred import DeferredResults
+from serve_runtime.model_dirs import ReplicaDir
+from serve_runtime.model_routing import ModelRouting
 from serve_runtime.model_store import (
     BackendClient,
     LoadedModel,
     ModelAccessError,
     ModelStore,
     identity,
+    identity_key,
 )
 from serve_runtime.remote import infer_remote as remote_call
 from serve_runtime.tokens import (
@@ -54,9 +60,6 @@ log = structlog.get_logger("serve_runtime.deployment")
 
 _HEADERS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "synapse_request_headers", default=None
-)
-_LOAD_FOR: contextvars.ContextVar[tuple[dict[str, Any], ModelClaims] | None] = (
-    contextvars.ContextVar("synapse_load_for", default=None)
 )
 
 
@@ -93,22 +96,6 @@ class BatchItem:
     model_info: dict[str, Any]
 
 
-class _Handle:
-    """What Ray's multiplexed LRU holds: a reference to a shared loaded model.
-
-    Ray awaits ``__del__`` on eviction; it is an instance attribute so that garbage
-    collection never sees a coroutine finaliser.
-    """
-
-    def __init__(self, store: ModelStore, entry: LoadedModel) -> None:
-        self.entry = entry
-        self._store = store
-        self.__del__ = self._evict
-
-    async def _evict(self) -> None:
-        await self._store.evict(self.entry)
-
-
 class BaseServeDeployment(BaseAction):
     """Base class for Ray Serve inference deployments (the SDK's API)."""
 
@@ -134,17 +121,23 @@ class BaseServeDeployment(BaseAction):
         self._signing_key = (
             settings.signing_key.get_secret_value() if settings.signing_key else backend_url
         )
+        self._dir = ReplicaDir(settings.model_dir)  # sweeps dead replicas' files too
         self._store = ModelStore(
             BackendClient(backend_url, settings.backend_timeout_s),
-            Path(settings.model_dir) / f"replica-{os.getpid()}",
+            self._dir.path,
             loader=self._get_model,
             releaser=self._release_model,
+            max_models=self.max_models_per_replica,
             max_download_bytes=settings.max_download_bytes,
             max_unpacked_bytes=settings.max_unpacked_bytes,
             auth_ttl_s=settings.auth_cache_ttl_s,
+            failure_backoff_s=settings.model_failure_backoff_s,
+            on_change=ModelRouting().publish,
         )
         self._deferred = DeferredResults(self.deferred_deadline_s)
-        self._load_handle_bounded = self._wrap_multiplexed(self._load_handle)
+        # Serve awaits ``__del__`` at a replica's graceful shutdown. An instance attribute,
+        # so that garbage collection never meets a coroutine finaliser.
+        self.__del__ = self._shutdown
         self._batcher: DeviceBatcher[BatchItem] | None = (
             DeviceBatcher(self._checked_batch, **self.batch_options) if self.batch_options else None
         )
@@ -161,8 +154,18 @@ class BaseServeDeployment(BaseAction):
         return remote_call(params, ctx)
 
     async def get_model(self) -> Any:
-        """The model for this request's multiplexing header, authorized for its caller."""
-        return (await self._resolve()).model
+        """The model for this request's multiplexing header, authorized for its caller.
+
+        The copy is leased until the calling task ends (the request, or its deferred
+        work): it is never released or deleted while the caller may still use it.
+        """
+        entry = await self._checkout()
+        task = asyncio.current_task()
+        if task is None:  # not reachable from an endpoint; never lease forever
+            self._store.checkin(entry)
+        else:
+            self._store.lease_until_done(entry, task)
+        return entry.model
 
     @abstractmethod
     async def _get_model(self, model_info: dict[str, Any]) -> Any:
@@ -190,12 +193,14 @@ class BaseServeDeployment(BaseAction):
 
     async def predict(self, body: Any) -> Any:
         """Run ``body`` on this request's model through ``infer_batch``; batched by model."""
-        entry = await self._resolve()
-        async with self._store.lease(entry):  # an eviction waits for this request
+        entry = await self._checkout()
+        try:  # the copy stays while this request uses it, evicted or not
             item = BatchItem(model=entry.model, body=body, model_info=entry.info)
             if self._batcher is None:
                 return (await self._checked_batch([item]))[0]
             return await self._batcher.submit(id(entry), item)  # one batch, one copy
+        finally:
+            self._store.checkin(entry)
 
     async def _checked_batch(self, items: list[BatchItem]) -> list[Any]:
         out = await self.infer_batch(items)
@@ -205,41 +210,12 @@ class BaseServeDeployment(BaseAction):
 
     # -- internals
 
-    def _wrap_multiplexed(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
-        from ray import serve
-        from ray.serve.context import _get_internal_replica_context
-
-        if _get_internal_replica_context() is None:  # outside Serve: an unbounded dict
-            cache: dict[str, Any] = {}
-
-            async def plain(model_id: str) -> Any:
-                if model_id not in cache:
-                    cache[model_id] = await fn(model_id)
-                return cache[model_id]
-
-            return plain
-
-        async def load(model_id: str) -> Any:  # a plain function: Ray sets attributes on it
-            return await fn(model_id)
-
-        return serve.multiplexed(max_num_models_per_replica=self.max_models_per_replica)(load)
-
-    async def _load_handle(self, mux_id: str) -> _Handle:
-        pending = _LOAD_FOR.get()
-        if pending is None:
-            raise RuntimeError("model handles are loaded only through get_model()")
-        info, claims = pending
-        entry = await self._store.acquire(info, claims.token, claims.tenant)
-        return _Handle(self._store, entry)
-
     def _claims(self) -> tuple[str | None, ModelClaims]:
         """The caller's verified claims, and the model key of a model-affine call."""
         headers = _HEADERS.get() or {}
         mux_id = headers.get(MODEL_TOKEN_HEADER)
         if not mux_id:
             try:
-                from ray import serve
-
                 mux_id = serve.get_multiplexed_model_id()
             except Exception:
                 mux_id = ""
@@ -263,28 +239,27 @@ class BaseServeDeployment(BaseAction):
             )
         return mux_id, claims
 
-    async def _resolve(self) -> LoadedModel:
-        """Authorize the caller, then get the model through Ray's bounded multiplexed LRU.
+    async def _checkout(self) -> LoadedModel:
+        """Authorize the caller, then lease the model's copy from the store.
 
-        The LRU is keyed by the model, never by the caller: in model-affine mode by the
-        header's key (what Ray routes on), in compatible mode by the model's identity,
-        so users of one model share one entry and the bound counts models.
+        The store's slots are keyed by the model, never by the caller: in model-affine
+        mode by the header's key (what Serve routes on; a newer version replaces the
+        slot's copy), in compatible mode by the model's identity (version and checksum
+        included), so users of one model share one copy and the bound counts models.
         """
         affine_key, claims = self._claims()
         try:
             info = await self._store.authorize(claims.model, claims.token, claims.tenant)
+            key = affine_key or identity_key(identity(info))
+            return await self._store.checkout(key, info, claims.token, claims.tenant)
         except ModelAccessError as e:
             raise _http_error(e.status, e.code, str(e), e.transient) from None
-        tenant, model_id, version, _ = identity(info)
-        lru_key = affine_key or str(ModelKey(tenant=tenant, model=model_id, version=version))
-        reset = _LOAD_FOR.set((info, claims))
-        try:
-            handle: _Handle = await self._load_handle_bounded(lru_key)
-        except ModelAccessError as e:
-            raise _http_error(e.status, e.code, str(e), e.transient) from None
-        finally:
-            _LOAD_FOR.reset(reset)
-        return handle.entry
+
+    async def _shutdown(self) -> None:
+        """Release every model and delete this replica's files (graceful shutdown)."""
+        await self._store.close()
+        await self._store.backend.aclose()
+        await asyncio.to_thread(self._dir.close)
 
     # -- introspection for tests, the CLI and metrics
 
@@ -294,8 +269,17 @@ class BaseServeDeployment(BaseAction):
             "pid": os.getpid(),
             "loads": s.loads,
             "releases": s.releases,
+            "load_failures": s.load_failures,
+            "slots": self._store.slot_keys,
+            "dir": str(self._dir.path),
             "resident": [
-                {"ident": list(e.ident), "refs": e.refs, "path": str(e.path)}
+                {
+                    "ident": list(e.ident),
+                    "key": e.key,
+                    "slotted": e.slotted,
+                    "leases": e.leases,
+                    "path": str(e.path),
+                }
                 for e in self._store.resident
             ],
         }

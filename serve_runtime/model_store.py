@@ -15,6 +15,7 @@ import hashlib
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,27 +118,48 @@ def identity(info: dict[str, Any]) -> tuple[str, str, str, str]:
     )
 
 
+def identity_key(ident: tuple[str, str, str, str]) -> str:
+    """``tenant:model:version:checksum``: a model's name as a slot key (no secret in it)."""
+    return ":".join(ident)
+
+
+Ident = tuple[str, str, str, str]
+
+
 @dataclass(eq=False)
 class LoadedModel:
-    ident: tuple[str, str, str, str]
+    ident: Ident
     model: Any
     info: dict[str, Any]
-    path: Path
-    refs: int = 0  # multiplexed handles holding this copy
+    path: Path  # the extracted archive, given to the loader
+    workdir: Path  # what is deleted when the copy goes
+    key: str = ""  # the slot it fills
     leases: int = 0  # requests using it right now
+    slotted: bool = True  # False once evicted or replaced: it goes when its leases end
     loaded_at: float = field(default_factory=time.time)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
 class StoreStats:
     loads: int = 0
     releases: int = 0
+    load_failures: int = 0
     load_seconds: list[float] = field(default_factory=list)
 
 
 class ModelStore:
-    """Loaded models of one replica, shared by identity and reference counted."""
+    """The loaded models of one replica: a bounded LRU of slots, each holding one copy.
+
+    A slot is keyed by what the router routes on (the model key of a model-affine call,
+    else the model's identity). Bringing a model in runs as its own task, in order:
+    fetch (download, verify, extract: nothing is evicted yet, and a failure is
+    remembered for ``failure_backoff_s``), make room (evict the least recently used
+    idle slot; a copy still in use is only unslotted and goes when its last request
+    ends, so no file is ever deleted under a request), then the loader. Copies in
+    memory, draining ones and loads in progress included, never exceed ``max_models``.
+    A load whose callers all went away still lands in a slot, so it counts and is
+    evicted like any other. Waiting for room blocks only the load that needs it.
+    """
 
     def __init__(
         self,
@@ -146,21 +168,36 @@ class ModelStore:
         *,
         loader: Loader,
         releaser: Releaser,
+        max_models: int,
         max_download_bytes: int,
         max_unpacked_bytes: int,
         auth_ttl_s: float = 30.0,
+        failure_backoff_s: float = 10.0,
+        on_change: Callable[[list[str]], None] | None = None,
     ):
+        if max_models < 1:
+            raise ValueError("max_models must be at least 1")
         self.backend = backend
         self.root = Path(root)
         self.loader = loader
         self.releaser = releaser
+        self.max_models = max_models
         self.max_download_bytes = max_download_bytes
         self.max_unpacked_bytes = max_unpacked_bytes
         self.auth_ttl_s = auth_ttl_s
+        self.failure_backoff_s = failure_backoff_s
+        self.on_change = on_change
         self.stats = StoreStats()
-        self._loaded: dict[tuple[str, str, str, str], LoadedModel] = {}
-        self._loading: dict[tuple[str, str, str, str], asyncio.Task[LoadedModel]] = {}
+        self._slots: OrderedDict[str, LoadedModel] = OrderedDict()  # LRU order
+        self._copies: dict[Ident, LoadedModel] = {}  # in memory: slotted and draining
+        self._loading: dict[Ident, asyncio.Task[LoadedModel]] = {}
+        self._loading_keys: dict[Ident, str] = {}
+        self._failed: dict[Ident, tuple[float, ModelAccessError]] = {}
         self._auth: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+        self._room = asyncio.Condition()
+        self._loaders = 0  # loader calls in progress: each holds a unit of room
+        self._freeing = 0  # copies whose release hook has not finished: still in memory
+        self._frees: set[asyncio.Task[None]] = set()
 
     # -- authorization
 
@@ -183,92 +220,147 @@ class ModelStore:
         self._auth[key] = (now + self.auth_ttl_s, info)
         return info
 
-    # -- loading
+    # -- what is loaded
 
     @property
     def resident(self) -> list[LoadedModel]:
-        return list(self._loaded.values())
+        """Every copy in memory: those in a slot and those draining."""
+        return list(self._copies.values())
 
-    async def acquire(self, info: dict[str, Any], token: str, tenant: str | None) -> LoadedModel:
-        """The loaded copy of this model (loading it once); the caller holds a reference.
+    @property
+    def loading_now(self) -> int:
+        """Loader calls in progress (each already holds its room)."""
+        return self._loaders
 
-        The load runs as its own task, so a caller that goes away does not cancel it
-        for the others waiting on it.
+    @property
+    def slot_keys(self) -> list[str]:
+        return list(self._slots)
+
+    # -- using a model
+
+    async def checkout(
+        self, key: str, info: dict[str, Any], token: str, tenant: str | None
+    ) -> LoadedModel:
+        """The copy of this model for slot ``key``, leased: give it back with ``checkin``.
+
+        A slot holding another version of the model gets the new one; the old copy
+        goes once its requests end.
         """
         ident = identity(info)
-        entry = self._loaded.get(ident)
-        if entry is None:
+        while True:
+            entry = self._slots.get(key)
+            if entry is None or entry.ident != ident:
+                entry = self._copies.get(ident)  # in another slot, or draining
+                if entry is not None and not entry.slotted:
+                    self._slot(key, entry)  # wanted again before it went: keep it
+            if entry is not None:
+                self._slots.move_to_end(entry.key)
+                entry.leases += 1
+                return entry
+            self._raise_if_failed(ident)
             task = self._loading.get(ident)
             if task is None:
-                task = asyncio.ensure_future(self._load(ident, info, token, tenant))
+                task = asyncio.create_task(self._bring_in(key, ident, info, token, tenant))
                 self._loading[ident] = task
-                task.add_done_callback(lambda t, i=ident: self._load_done(i, t))
-            entry = await asyncio.shield(task)
-        entry.refs += 1
-        return entry
+                self._loading_keys[ident] = key
+                task.add_done_callback(lambda _t, i=ident: self._loaded(i))
+                self._changed()  # routed here from now: the copy is on its way
+            await asyncio.shield(task)  # a caller going away does not cancel the load
 
-    def _load_done(self, ident: tuple[str, str, str, str], task: asyncio.Task[LoadedModel]) -> None:
-        self._loading.pop(ident, None)
-        if not task.cancelled() and task.exception() is None:
-            self._loaded[ident] = task.result()
+    def checkin(self, entry: LoadedModel) -> None:
+        """One request is done with ``entry``; an evicted copy goes with its last one."""
+        entry.leases -= 1
+        if entry.leases == 0 and not entry.slotted:
+            self._free_later(entry)
 
     @contextlib.asynccontextmanager
-    async def lease(self, entry: LoadedModel) -> AsyncIterator[LoadedModel]:
-        """Mark ``entry`` in use for the duration of one request."""
-        entry.leases += 1
-        entry.idle.clear()
+    async def use(
+        self, key: str, info: dict[str, Any], token: str, tenant: str | None
+    ) -> AsyncIterator[LoadedModel]:
+        entry = await self.checkout(key, info, token, tenant)
         try:
             yield entry
         finally:
-            entry.leases -= 1
-            if entry.leases == 0:
-                entry.idle.set()
+            self.checkin(entry)
 
-    async def evict(self, entry: LoadedModel, wait_s: float = 120.0) -> None:
-        """Release a copy Ray's LRU evicted, once no request uses it.
+    def lease_until_done(self, entry: LoadedModel, task: asyncio.Task[Any]) -> None:
+        """Keep ``entry`` (already leased) until ``task`` ends: the SDK's ``get_model()``."""
+        task.add_done_callback(lambda _t: self.checkin(entry))
 
-        Ray evicts before it loads the next model (under its lock), so waiting here keeps
-        the copies in memory within ``max_models_per_replica``: the new load starts after
-        the old copy is gone. A request that outlives ``wait_s`` does not block forever.
-        """
-        if entry.leases:
-            try:
-                await asyncio.wait_for(entry.idle.wait(), wait_s)
-            except TimeoutError:
-                log.warning(
-                    "evicting a model still in use", model=entry.ident[1], leases=entry.leases
-                )
-        await self.release(entry)
+    # -- bringing a model in
 
-    async def release(self, entry: LoadedModel) -> None:
-        """Drop one reference; the last one releases the model and deletes its files."""
-        entry.refs -= 1
-        if entry.refs > 0 or self._loaded.get(entry.ident) is not entry:
+    def _loaded(self, ident: Ident) -> None:
+        self._loading.pop(ident, None)
+        if self._loading_keys.pop(ident, None) not in self._slots:
+            self._changed()  # it failed: no longer on its way
+
+    def _raise_if_failed(self, ident: Ident) -> None:
+        failed = self._failed.get(ident)
+        if failed is None:
             return
-        del self._loaded[entry.ident]
-        self.stats.releases += 1
-        try:
-            await self.releaser(entry.model, entry.info)
-        except Exception:
-            log.exception("model release hook failed", model=entry.ident[1])
-        finally:
-            await asyncio.to_thread(shutil.rmtree, entry.path, True)
-        log.info("model released", tenant=entry.ident[0], model=entry.ident[1])
+        until, error = failed
+        if time.monotonic() < until:
+            raise error
+        del self._failed[ident]
 
-    async def _load(
-        self, ident: tuple[str, str, str, str], info: dict[str, Any], token: str, tenant: str | None
+    async def _bring_in(
+        self, key: str, ident: Ident, info: dict[str, Any], token: str, tenant: str | None
     ) -> LoadedModel:
+        started = time.perf_counter()
+        try:
+            workdir, model_dir = await self._fetch(ident, info, token, tenant)
+            try:
+                model = await self._load(model_dir, info)
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, workdir, True)
+                raise
+        except ModelAccessError as e:
+            self._remember(ident, e)
+            raise
+        except Exception as e:
+            error = ModelAccessError(
+                f"model {ident[1]} failed to load ({type(e).__name__})",
+                status=500,
+                code="model_load_failed",
+            )
+            log.warning("model load failed", model=ident[1], error=type(e).__name__, exc_info=e)
+            self._remember(ident, error)
+            raise error from None
+        entry = LoadedModel(ident=ident, model=model, info=info, path=model_dir, workdir=workdir)
+        self._copies[ident] = entry
+        self._slot(key, entry)
+        elapsed = time.perf_counter() - started
+        self.stats.loads += 1
+        self.stats.load_seconds.append(elapsed)
+        log.info(
+            "model loaded",
+            tenant=ident[0],
+            model=ident[1],
+            version=ident[2],
+            seconds=round(elapsed, 3),
+        )
+        return entry
+
+    def _remember(self, ident: Ident, error: ModelAccessError) -> None:
+        self.stats.load_failures += 1
+        self._failed[ident] = (time.monotonic() + self.failure_backoff_s, error)
+        if len(self._failed) > 1000:
+            now = time.monotonic()
+            self._failed = {k: v for k, v in self._failed.items() if v[0] > now}
+
+    async def _fetch(
+        self, ident: Ident, info: dict[str, Any], token: str, tenant: str | None
+    ) -> tuple[Path, Path]:
+        """Download, verify and extract into a fresh work directory; evicts nothing."""
         tenant_code, model_id, version, _ = ident
         file_url = info.get("file")
         if not file_url:
             raise ModelAccessError(
                 f"model {model_id} has no file to load", status=422, code="model_has_no_file"
             )
-        started = time.perf_counter()
-        self.root.mkdir(parents=True, exist_ok=True)
         name = f"{tenant_code}-{model_id}-v{version or 0}-{uuid.uuid4().hex[:8]}"
         workdir = self.root / name
-        archive = self.root / f".{name}.download"
+        archive = workdir / "archive.download"
         model_dir = workdir / "model"
         try:
             await asyncio.to_thread(model_dir.mkdir, parents=True)
@@ -284,26 +376,98 @@ class ModelStore:
                 safe_extract, archive, model_dir, max_unpacked_bytes=self.max_unpacked_bytes
             )
             await asyncio.to_thread(archive.unlink, True)
-            model = await self.loader({**info, "path": model_dir})
-        except ModelFetchError as e:
+        except BaseException as e:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
-            await asyncio.to_thread(archive.unlink, True)
-            raise _fetch_error(model_id, e) from None
-        except BaseException:
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
-            await asyncio.to_thread(archive.unlink, True)
+            if isinstance(e, ModelFetchError):
+                raise _fetch_error(model_id, e) from None
             raise
-        elapsed = time.perf_counter() - started
-        self.stats.loads += 1
-        self.stats.load_seconds.append(elapsed)
-        log.info(
-            "model loaded",
-            tenant=tenant_code,
-            model=model_id,
-            version=version,
-            seconds=round(elapsed, 3),
-        )
-        return LoadedModel(ident=ident, model=model, info=info, path=model_dir)
+        return workdir, model_dir
+
+    async def _load(self, model_dir: Path, info: dict[str, Any]) -> Any:
+        """Run the loader once there is room for one more copy."""
+        async with self._room:
+            while len(self._copies) + self._freeing + self._loaders >= self.max_models:
+                if not self._freeing:  # nothing on its way out yet: send one
+                    idle = next((e for e in self._slots.values() if e.leases == 0), None)
+                    if idle is not None:
+                        self._unslot(idle)  # room once its release hook has run
+                    elif self._slots and all(e.slotted for e in self._copies.values()):
+                        self._unslot(next(iter(self._slots.values())))  # room when idle
+                await self._room.wait()
+            self._loaders += 1
+        try:
+            return await self.loader({**info, "path": model_dir})
+        finally:
+            self._loaders -= 1
+            await self._notify_room()
+
+    # -- slots and freeing
+
+    def _slot(self, key: str, entry: LoadedModel) -> None:
+        entry.key = key
+        entry.slotted = True
+        old = self._slots.get(key)
+        self._slots[key] = entry
+        self._slots.move_to_end(key)
+        if old is not None and old is not entry:
+            old.slotted = False  # a newer version took its slot
+            if old.leases == 0:
+                self._free_later(old)
+        self._changed()
+
+    def _unslot(self, entry: LoadedModel) -> None:
+        if self._slots.get(entry.key) is entry:
+            del self._slots[entry.key]
+            self._changed()
+        entry.slotted = False
+        if entry.leases == 0:
+            self._free_later(entry)
+
+    def _changed(self) -> None:
+        """Tell the router what this replica holds or is loading (Ray's wrapper does too)."""
+        if self.on_change is not None:
+            keys = list(dict.fromkeys([*self._slots, *self._loading_keys.values()]))
+            try:
+                self.on_change(keys)
+            except Exception:
+                log.exception("publishing the replica's models failed")
+
+    def _free_later(self, entry: LoadedModel) -> None:
+        """Take ``entry`` out of memory now; its release hook and files follow."""
+        if self._copies.get(entry.ident) is not entry:
+            return  # already freed
+        del self._copies[entry.ident]
+        self._freeing += 1
+        task = asyncio.get_running_loop().create_task(self._free(entry))
+        self._frees.add(task)
+        task.add_done_callback(self._frees.discard)
+
+    async def _free(self, entry: LoadedModel) -> None:
+        self.stats.releases += 1
+        try:
+            await self.releaser(entry.model, entry.info)
+        except Exception:
+            log.exception("model release hook failed", model=entry.ident[1])
+        finally:
+            self._freeing -= 1
+            await self._notify_room()
+            await asyncio.to_thread(shutil.rmtree, entry.workdir, True)
+        log.info("model released", tenant=entry.ident[0], model=entry.ident[1])
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    async def close(self) -> None:
+        """Release every copy (replica shutdown); in-flight loads are cancelled."""
+        for task in list(self._loading.values()):
+            task.cancel()
+        for entry in list(self._copies.values()):
+            entry.slotted = False
+            self._free_later(entry)
+        self._slots.clear()
+        if self._frees:
+            await asyncio.gather(*self._frees, return_exceptions=True)
 
 
 def _fetch_error(model_id: str, e: ModelFetchError) -> ModelAccessError:

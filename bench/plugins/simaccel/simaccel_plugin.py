@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from ray import serve
 
 import serve_runtime.deployment as runtime_deployment
 from serve_runtime.deployment import BaseServeDeployment, BatchItem
@@ -87,7 +88,7 @@ class SimAccelDeployment(BaseServeDeployment):
 
     def _counts(self, extra_loaded: int = 0) -> dict[str, int]:
         loaded = len(self._store.resident) + extra_loaded
-        loading = len(self._store._loading) - extra_loaded
+        loading = self._store.loading_now - extra_loaded
         return {"loaded": loaded, "resident": loaded + max(0, loading)}
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -188,23 +189,13 @@ class SdkLikeSimAccelDeployment(SimAccelDeployment):
     "no eviction". Authorization is the runtime's, unchanged.
     """
 
-    async def _resolve(self) -> Any:
-        from ray import serve
-
+    async def _checkout(self) -> Any:
         _, claims = self._claims()
         try:
             info = await self._store.authorize(claims.model, claims.token, claims.tenant)
+            mux_id = serve.get_multiplexed_model_id()
+            per_token = hashlib.sha256(mux_id.encode()).hexdigest()[:12]
+            info = {**info, "version": f"{info.get('version')}+{per_token}"}
+            return await self._store.checkout(mux_id, info, claims.token, claims.tenant)
         except ModelAccessError as e:
             raise runtime_deployment._http_error(e.status, e.code, str(e), e.transient) from None
-        mux_id = serve.get_multiplexed_model_id()
-        per_token = hashlib.sha256(mux_id.encode()).hexdigest()[:12]
-        info = {**info, "version": f"{info.get('version')}+{per_token}"}
-        load_for = runtime_deployment._LOAD_FOR
-        reset = load_for.set((info, claims))
-        try:
-            handle = await self._load_handle_bounded(mux_id)
-        except ModelAccessError as e:
-            raise runtime_deployment._http_error(e.status, e.code, str(e), e.transient) from None
-        finally:
-            load_for.reset(reset)
-        return handle.entry
