@@ -65,6 +65,13 @@ def model_archives(session_dir: Path) -> dict[int, Path]:
         21: 5,
         22: 6,
         23: 7,
+        24: 10,
+        25: 11,
+        26: 12,
+        27: 13,
+        28: 14,
+        29: 15,
+        30: 16,
     }.items():
         path = session_dir / "archives" / f"model-{model_id}.tar.gz"
         write_model_archive(path, seed=seed, version=1)
@@ -76,7 +83,7 @@ def seed_spec(archives: dict[int, Path]) -> dict[str, Any]:
     def model(mid: int, tenant: str = "acme", **kw: Any) -> dict[str, Any]:
         return {
             "id": mid,
-            "name": f"model-{mid}",
+            "name": kw.pop("name", f"model-{mid}"),
             "tenant": tenant,
             "version": 1,
             "archive": str(archives[mid]),
@@ -104,6 +111,14 @@ def seed_spec(archives: dict[int, Path]) -> dict[str, Any]:
             model(21),
             model(22),
             model(23),
+            # issue 12's model store tests, each model for one test
+            model(24, checksum="sha256:" + "0" * 64),  # its archive fails the checksum
+            model(25),  # republished as version 2 by a test
+            model(26, name="slow-load"),  # the probe's loader takes 3 s
+            model(27, name="broken-loader"),  # the probe's loader raises
+            model(28),
+            model(29),
+            model(30),  # republished with the same version, new bytes
         ],
     }
 

@@ -31,14 +31,26 @@ class ProbeModel:
         return json.loads((self.path / "meta.json").read_text())
 
     def release(self) -> None:
-        record("release", model=self.model_id, path=str(self.path), exists=self.path.exists())
+        record(
+            "release",
+            model=self.model_id,
+            path=str(self.path),
+            exists=self.path.exists(),
+            pid=os.getpid(),
+        )
 
 
 class ProbeDeployment(BaseServeDeployment):
     app = app
 
     async def _get_model(self, model_info: dict[str, Any]) -> ProbeModel:
-        record("load", model=model_info["id"], path=str(model_info["path"]))
+        name = str(model_info.get("name") or "")
+        record("load_start", model=model_info["id"], pid=os.getpid())
+        if name.startswith("slow-load"):  # a load long enough for its caller to give up
+            await asyncio.sleep(3)
+        if name.startswith("broken-loader"):
+            raise RuntimeError("probe loader refuses this model")
+        record("load", model=model_info["id"], path=str(model_info["path"]), pid=os.getpid())
         return ProbeModel(model_info["path"], model_info["id"])
 
     @app.post("/")
@@ -51,6 +63,16 @@ class ProbeDeployment(BaseServeDeployment):
             return {"__synapse_deferred__": True, "status": "exploded"}
         if body.get("respond") == "http_500":
             raise RuntimeError("probe asked for a bare 500")
+        if body.get("sdk"):  # the SDK's way: get_model(), then use it for a while
+            model = await self.get_model()
+            record("sdk_model", model=model.model_id, pid=os.getpid())
+            await asyncio.sleep(float(body.get("sleep_s", 0)))
+            return {"model": model.model_id, "meta": model.meta(), "echo": body}
+        return await self.predict(body)
+
+    @app.post("/direct")
+    async def direct(self, body: dict) -> Any:
+        """Not deferrable: a caller that goes away cancels the request (and its load)."""
         return await self.predict(body)
 
     async def infer_batch(self, requests: list[BatchItem]) -> list[Any]:
