@@ -83,7 +83,7 @@ def test_two_users_of_one_model_share_one_load(example_app: Any, admin: Any) -> 
     assert admin.stats()["downloads_by_model"].get("18", 0) - downloads_before == 1
     resident = [r for r in after["resident"] if r["ident"][1] == "18"]
     assert len(resident) == 1
-    assert resident[0]["refs"] == 1  # one multiplexed entry per model, whoever asks
+    assert resident[0]["slotted"] is True  # one slot per model, whoever asks
 
 
 def test_concurrent_first_requests_share_one_load(example_app: Any) -> None:
