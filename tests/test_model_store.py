@@ -455,8 +455,8 @@ def test_evicted_models_leave_no_directory_behind(probe_app: Any) -> None:
     for model in (12, 14, 15):
         probe_call(probe_app, model)
     s = stats(probe_app.app_name)
-    replica_dir = Path(s["dir"])
-    kept = {Path(r["path"]).parent for r in s["resident"]}
+    kept = {Path(r["path"]).parent for r in s["resident"]}  # <replica dir>/<load>/model
+    (replica_dir,) = {p.parent for p in kept}
     assert set(replica_dir.iterdir()) == kept
 
 
@@ -479,7 +479,7 @@ def test_a_replica_shut_down_releases_its_models_and_deletes_its_files(
     probe_call(probe_solo, 14)
     probe_call(probe_solo, 15)
     s = stats(probe_solo.app_name)
-    replica_dir = Path(s["dir"])
+    replica_dir = Path(s["resident"][0]["path"]).parent.parent
     assert replica_dir.is_dir()
     serve.delete(probe_solo.app_name)
     released = wait_for(
