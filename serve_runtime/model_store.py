@@ -310,7 +310,7 @@ class ModelStore:
         try:
             workdir, model_dir = await self._fetch(ident, info, token, tenant)
             try:
-                model = await self._load(model_dir, info)
+                model = await self._load(key, model_dir, info)
             except BaseException:
                 await asyncio.to_thread(shutil.rmtree, workdir, True)
                 raise
@@ -383,12 +383,12 @@ class ModelStore:
             raise
         return workdir, model_dir
 
-    async def _load(self, model_dir: Path, info: dict[str, Any]) -> Any:
+    async def _load(self, key: str, model_dir: Path, info: dict[str, Any]) -> Any:
         """Run the loader once there is room for one more copy."""
         async with self._room:
             while len(self._copies) + self._freeing + self._loaders >= self.max_models:
                 if not self._freeing:  # nothing on its way out yet: send one
-                    idle = next((e for e in self._slots.values() if e.leases == 0), None)
+                    idle = self._idle_victim(key)
                     if idle is not None:
                         self._unslot(idle)  # room once its release hook has run
                     elif self._slots and all(e.slotted for e in self._copies.values()):
@@ -402,6 +402,12 @@ class ModelStore:
             await self._notify_room()
 
     # -- slots and freeing
+
+    def _idle_victim(self, key: str) -> LoadedModel | None:
+        """What to evict for a load into ``key``: its older version, else the LRU idle copy."""
+        candidates = [self._slots[key]] if key in self._slots else []
+        candidates.extend(self._slots.values())
+        return next((e for e in candidates if e.leases == 0), None)
 
     def _slot(self, key: str, entry: LoadedModel) -> None:
         entry.key = key

@@ -210,6 +210,33 @@ def test_a_load_whose_callers_left_still_counts_and_is_evicted(
     asyncio.run(scenario())
 
 
+def test_a_new_version_replaces_the_copy_in_its_slot(backend: Any, tmp_path: Path) -> None:
+    rec = Recorder()
+
+    async def scenario() -> None:
+        store = make_store(backend.url, tmp_path, rec, max_models=2)
+        v1 = await store.authorize("12", ALICE, "acme")
+        v2 = {**v1, "version": 2}  # what the backend answers once version 2 is out
+        v3 = {**v1, "version": 3}
+        async with store.use("acme:12", v1, ALICE, "acme"):
+            pass
+        await use(store, 14)
+        async with store.use("acme:12", v2, ALICE, "acme") as new:
+            assert new.ident[2] == "2"
+        assert store.slot_keys.count("acme:12") == 1
+        # the room came from the old version, not from model 14
+        assert sorted(e.ident[1:3] for e in store.resident) == [("12", "2"), ("14", "1")]
+        old = await store.checkout("acme:12", v2, ALICE, "acme")  # in use while v3 comes
+        async with store.use("acme:12", v3, ALICE, "acme") as newer:
+            assert newer.ident[2] == "3" and old.path.exists()  # in use: not freed
+        store.checkin(old)
+        await wait_async(lambda: not old.workdir.exists())
+        assert {e.ident[2] for e in store.resident if e.ident[1] == "12"} == {"3"}
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_evicted_and_closed_models_leave_no_files(backend: Any, tmp_path: Path) -> None:
     rec = Recorder()
 
