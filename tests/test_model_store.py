@@ -275,6 +275,7 @@ DEAD_DEPLOYMENT = """
 import sys, time
 from probe_plugin import ProbeDeployment
 dep = ProbeDeployment(sys.argv[1])
+dep._store.root.mkdir(parents=True, exist_ok=True)
 (dep._store.root / "extracted-model.bin").write_bytes(b"x" * 4096)
 print("ready", flush=True)
 time.sleep(600)
