@@ -40,6 +40,7 @@ from serve_runtime.model_store import (
     identity,
 )
 from serve_runtime.remote import infer_remote as remote_call
+from serve_runtime.tickets import Caller
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
@@ -127,7 +128,9 @@ class BaseServeDeployment(BaseAction):
             app.add_middleware(_CaptureHeaders)
             app.state.synapse_headers = True
 
-    def __init__(self, backend_url: str) -> None:
+    def __init__(self, backend_url: str, tickets: Any = None) -> None:
+        """``tickets``: the application's ``TicketStore`` handle (``deploy()`` binds one);
+        None keeps deferred tickets in this replica only."""
         settings = get_settings()
         configure_logging(settings.log_format, settings.log_level)  # redaction in replicas too
         self.backend_url = backend_url
@@ -143,7 +146,9 @@ class BaseServeDeployment(BaseAction):
             max_unpacked_bytes=settings.max_unpacked_bytes,
             auth_ttl_s=settings.auth_cache_ttl_s,
         )
-        self._deferred = DeferredResults(self.deferred_deadline_s)
+        self._deferred = DeferredResults(
+            self.deferred_deadline_s, keep_s=settings.deferred_keep_s, shared=tickets
+        )
         self._load_handle_bounded = self._wrap_multiplexed(self._load_handle)
         self._batcher: DeviceBatcher[BatchItem] | None = (
             DeviceBatcher(self._checked_batch, **self.batch_options) if self.batch_options else None
@@ -262,6 +267,15 @@ class BaseServeDeployment(BaseAction):
                 403, "token_model_mismatch", f"the model token is not for model key {key}"
             )
         return mux_id, claims
+
+    async def _ticket_caller(self) -> Caller:
+        """Whom a deferred ticket answers; authorized for the model as inference is."""
+        _, claims = self._claims()
+        try:
+            await self._store.authorize(claims.model, claims.token, claims.tenant)
+        except ModelAccessError as e:
+            raise _http_error(e.status, e.code, str(e), e.transient) from None
+        return Caller.of(claims.tenant, claims.model, claims.token)
 
     async def _resolve(self) -> LoadedModel:
         """Authorize the caller, then get the model through Ray's bounded multiplexed LRU.

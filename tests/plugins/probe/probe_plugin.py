@@ -53,6 +53,10 @@ class ProbeDeployment(BaseServeDeployment):
             raise RuntimeError("probe asked for a bare 500")
         return await self.predict(body)
 
+    async def deferred_stats(self) -> dict[str, Any]:
+        """This replica's deferred counters (polls answered here or from the store)."""
+        return {"pid": os.getpid(), **self._deferred.stats}
+
     async def infer_batch(self, requests: list[BatchItem]) -> list[Any]:
         out = []
         for r in requests:
