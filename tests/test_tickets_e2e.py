@@ -103,12 +103,11 @@ def test_polls_landing_on_either_replica_find_the_ticket(
     for t in threads:
         t.join(60)
     assert all(isinstance(pendings.get(n), Pending) for n in counts), pendings
-    before = each_replica(probe_pair_app.app_name, "deferred_stats")
 
     answers: dict[str, int] = {"pending": 0, "result": 0}
     results: dict[str, Any] = {}
 
-    def poll_all() -> None:
+    def poll_all() -> bool:
         for count in counts:
             try:
                 out = poll(c, probe_pair_app, pendings[count].ticket)
@@ -120,20 +119,22 @@ def test_polls_landing_on_either_replica_find_the_ticket(
                 answers["result"] += 1
                 assert out["echo"]["count"] == count
                 results[count] = out
+        return len(results) == len(counts)
+
+    # While the work runs, then until every result is in: never not_found.
+    wait_for(poll_all, timeout=60, interval=0.05, what="every result")
+    # Then until both replicas have answered polls, one at least from the store.
+    before = each_replica(probe_pair_app.app_name, "deferred_stats")
 
     def both_answered() -> bool:
         poll_all()
-        if len(results) < len(counts):
-            return False
         after = each_replica(probe_pair_app.app_name, "deferred_stats")
-        answered = {
-            pid: sum(s[k] - before.get(pid, {}).get(k, 0) for k in ("polls_here", "polls_shared"))
+        delta = {
+            pid: {k: s[k] - before.get(pid, {}).get(k, 0) for k in ("polls_here", "polls_shared")}
             for pid, s in after.items()
         }
-        shared = sum(
-            s["polls_shared"] - before.get(p, {}).get("polls_shared", 0) for p, s in after.items()
-        )
-        return all(n > 0 for n in answered.values()) and shared > 0
+        here_or_shared = [d["polls_here"] + d["polls_shared"] for d in delta.values()]
+        return all(n > 0 for n in here_or_shared) and any(d["polls_shared"] for d in delta.values())
 
     wait_for(both_answered, timeout=90, interval=0.05, what="polls answered by both replicas")
     assert answers["pending"] > 0 and answers["result"] >= len(counts)
@@ -144,11 +145,11 @@ def test_polls_landing_on_either_replica_find_the_ticket(
 # --- (c) a ticket answers only its caller; polls are authorized like inference
 
 
-def test_a_ticket_answers_only_the_caller_who_made_it(probe_pair_app: Any) -> None:
+def test_a_ticket_answers_only_the_caller_who_made_it(probe_app: Any) -> None:
     c = client()
     count = f"owner-{uuid.uuid4().hex[:8]}"
     pending = c.infer(
-        probe_pair_app.route_prefix,
+        probe_app.route_prefix,
         {"sleep_s": 1, "count": count},
         model=12,
         token=TOKENS["alice"],
@@ -158,24 +159,25 @@ def test_a_ticket_answers_only_the_caller_who_made_it(probe_pair_app: Any) -> No
     ticket = pending.ticket
 
     def result() -> Any:
-        out = poll(c, probe_pair_app, ticket, model=12)
+        out = poll(c, probe_app, ticket, model=12)
         return None if isinstance(out, Pending) else out
 
     assert wait_for(result, timeout=30, interval=0.05, what="alice's result")["echo"]["count"]
 
-    # bob may use model 12 too: his polls, wherever they land, learn nothing.
-    for _ in range(8):
+    # bob may use model 12 too: his polls learn nothing (the replica that made the
+    # ticket answers them: one replica, so what is tested is whom a ticket answers).
+    for _ in range(3):
         with pytest.raises(DeferredNotFound):
-            poll(c, probe_pair_app, ticket, user="bob", model=12)
+            poll(c, probe_app, ticket, user="bob", model=12)
     # alice's own token, for another model she may use: not the caller either.
     with pytest.raises(DeferredNotFound):
-        poll(c, probe_pair_app, ticket, model=13)
+        poll(c, probe_app, ticket, model=13)
     # eve (globex) asking for acme's model: refused as inference is.
     with pytest.raises(ServeClientError) as refused:
-        poll(c, probe_pair_app, ticket, user="eve", model=12)
+        poll(c, probe_app, ticket, user="eve", model=12)
     assert refused.value.status_code == 403
 
-    url = f"{load_settings().serve_url}{probe_pair_app.route_prefix}/"
+    url = f"{load_settings().serve_url}{probe_app.route_prefix}/"
     no_token = httpx.post(url, json={POLL_KEY: ticket}, timeout=30)
     assert no_token.status_code == 400, no_token.text
     claims = {"model": "12", "token": TOKENS["alice"], "tenant": "acme"}
@@ -185,7 +187,7 @@ def test_a_ticket_answers_only_the_caller_who_made_it(probe_pair_app: Any) -> No
     for response in (no_token, bad):
         assert count not in response.text
 
-    assert poll(c, probe_pair_app, ticket, model=12)["echo"]["count"] == count  # still alice's
+    assert poll(c, probe_app, ticket, model=12)["echo"]["count"] == count  # still alice's
 
 
 # --- (d) the worker: a ticket lost every time is resubmitted at most the bound
