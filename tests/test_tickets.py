@@ -11,10 +11,14 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from config import SettingsError, load_settings
 from serve_runtime.deferred import DeferredResults, is_envelope
 from serve_runtime.tickets import Answer, Caller, TicketStore
+from worker.inference import ticket_lost
+from worker.message import parse_job
+from worker.pipeline import Finished, Job, Requeued
 
 pytestmark = pytest.mark.anyio
 
@@ -249,3 +253,36 @@ def test_deferred_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNAPSE_BRIDGE_DEFERRED_KEEP", "2.5")
     s = load_settings()
     assert s.deferred_keep_s == 2.5 and s.deferred_resubmits == 3
+
+
+# --- the worker: a lost ticket sends the job again, within the bound
+
+
+def test_a_lost_ticket_counts_resubmissions_then_fails_naming_the_bound() -> None:
+    def lost(action: str) -> float:
+        name = "synapse_deferred_tickets_lost_total"
+        return REGISTRY.get_sample_value(name, {"action": action}) or 0.0
+
+    raw = {
+        "job_id": "job-lost-1",
+        "tenant": "acme",
+        "token": "tok-alice-0123456789",
+        "model": 12,
+        "json": {"x": 1},
+        "release": {"checksum": "probe"},
+    }
+    job = Job(msg=parse_job(raw), task_id=None, attempt=1, started=0, deadline=0, time_limit_s=1)
+    before = lost("resubmitted"), lost("failed")
+    for n in (1, 2):
+        outcome = ticket_lost(job, bound=2, waited=0.0)
+        assert outcome == Requeued(outcome.reason, resubmit=True)
+        assert job.msg.resubmits == n
+        wire = job.msg.model_dump(mode="json", by_alias=True, exclude_none=True)
+        job.msg = parse_job({**wire, "token": raw["token"]})  # what the next message carries
+    outcome = ticket_lost(job, bound=2, waited=0.0)
+    assert isinstance(outcome, Finished) and outcome.status == "FAILED"
+    assert "lost 3 times" in (outcome.error or "")
+    assert "SYNAPSE_BRIDGE_DEFERRED_RESUBMITS=2" in (outcome.error or "")
+    assert (lost("resubmitted") - before[0], lost("failed") - before[1]) == (2, 1)
+    first = parse_job(raw).model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert "resubmits" not in first  # a first message is as before
