@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import redis
 
 from config import load_settings
 from local_backend.server import free_port
@@ -25,6 +26,8 @@ from serve_runtime.deferred import POLL_KEY
 from serve_runtime.errors import DeferredNotFound
 from serve_runtime.tokens import MODEL_TOKEN_HEADER
 from tests.conftest import PROBE_PLUGIN, TOKENS, WorkerProcess, wait_for
+from worker.ledger import Ledger
+from worker.message import parse_job
 
 PROBE_DEPLOYMENT = "ProbeDeployment"
 
@@ -226,11 +229,7 @@ def test_a_lost_ticket_is_resubmitted_at_most_the_bound_then_failed(
     redis_url: str,
     session_dir: Path,
 ) -> None:
-    import redis
-
-    from worker.app import create_app
-    from worker.ledger import Ledger
-    from worker.message import parse_job
+    from worker.app import create_app  # the Celery app: imported where used, as test_worker
     from worker.submit import send_message
 
     bound = 2
