@@ -130,20 +130,24 @@ class DeferredResults:
         done, _ = await asyncio.wait({task}, timeout=self.deadline_s)
         if done:
             return task.result()
-        ticket = uuid.uuid4().hex
         try:
             who = await caller()
-            self._local.register(ticket, self.owner, who)
-            self._running[ticket] = (task, who)
-            self._bound_running()
-            if self._shared is not None:  # before the ticket is out: any replica knows it
-                await self._store("register", ticket, self.owner, who)
-                self._start_heartbeat()
         except BaseException:
             task.cancel()
             raise
+        ticket = uuid.uuid4().hex
+        self._local.register(ticket, self.owner, who)
+        self._running[ticket] = (task, who)
         task.add_done_callback(functools.partial(self._finished, ticket))
+        self._bound_running()
         self.stats["deferred"] += 1
+        if self._shared is not None:  # before the ticket is out: any replica knows it
+            try:
+                await self._store("register", ticket, self.owner, who)  # or the heartbeat will
+            except BaseException:  # the request was cancelled: nobody has the ticket
+                task.cancel()
+                raise
+            self._start_heartbeat()
         return envelope("pending", ticket)
 
     async def poll(self, ticket: str, caller: Caller) -> Any:
