@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     signing_key: SecretStr | None = _env("SYNAPSE_SERVE_SIGNING_KEY")
     token_ttl_s: int | None = _env("SYNAPSE_BRIDGE_TOKEN_TTL", default=None)
     deferred_poll_interval_s: float = _env("SYNAPSE_BRIDGE_DEFERRED_POLL_INTERVAL", default=1.0)
+    # Replicas: how long a deferred result is kept for its polls, from its completion.
+    deferred_keep_s: float = _env("SYNAPSE_BRIDGE_DEFERRED_KEEP", default=600.0)
 
     # --- Replica side: model store.
     model_dir: Path = _env(
@@ -136,6 +138,9 @@ class Settings(BaseSettings):
     retry_base_s: float = _env("SYNAPSE_BRIDGE_RETRY_BASE", default=1.0)
     retry_cap_s: float = _env("SYNAPSE_BRIDGE_RETRY_CAP", default=60.0)
     deferred_max_wait_s: float = _env("SYNAPSE_BRIDGE_DEFERRED_MAX_WAIT", default=3600.0)
+    # A deferred job whose ticket is lost (not_found) is submitted again at most this
+    # often, then FAILED: lost work is not recomputed without end.
+    deferred_resubmits: int = _env("SYNAPSE_BRIDGE_DEFERRED_RESUBMITS", default=3)
     batch_chunk_size: int = _env("SYNAPSE_BRIDGE_BATCH_CHUNK_SIZE", default=16)
     batch_max_items: int = _env("SYNAPSE_BRIDGE_BATCH_MAX_ITEMS", default=10_000)
     batch_item_failure: Literal["partial", "fail"] = _env(
@@ -204,6 +209,7 @@ class Settings(BaseSettings):
         "backend_timeout_s",
         "serve_max_connections",
         "deferred_poll_interval_s",
+        "deferred_keep_s",
         "visibility_timeout_s",
         "task_soft_time_limit_s",
         "task_time_limit_s",
@@ -230,6 +236,7 @@ class Settings(BaseSettings):
         "model_idle_s",
         "model_max_wait_s",
         "model_turn_wait_s",
+        "deferred_resubmits",
     )
     @classmethod
     def _not_negative(cls, v: float) -> float:

@@ -6,20 +6,38 @@ polls with ``{"__synapse_poll__": "<ticket>"}`` on the same route and gets the b
 result when ready, or an envelope whose status is ``pending``, ``failed`` (with
 ``error``) or ``not_found``.
 
-Tickets live in the replica that ran the work; a poll that lands elsewhere (or after
-a restart) answers ``not_found`` and the caller submits again.
+A ticket is answerable on every replica: the replica that runs the work keeps it in
+its own table (a poll that lands there needs no other hop) and in the application's
+``TicketStore`` (``serve_runtime.tickets``), which every other replica asks. It is
+bound to the caller who made it, and polls are authorized like inference (the
+deployment's ``_ticket_caller``). An answer is kept ``keep_s`` from completion.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import time
+import os
+import pickle
+import socket
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import structlog
+
+from config import redact_text
+from serve_runtime.tickets import (
+    HEARTBEAT_S,
+    MAX_TICKETS,
+    Answer,
+    Caller,
+    SharedTickets,
+    TicketStore,
+)
+
+log = structlog.get_logger("serve_runtime.deferred")
 
 DEFERRED_KEY = "__synapse_deferred__"
 POLL_KEY = "__synapse_poll__"
@@ -51,51 +69,163 @@ def poll_ticket(body: Any) -> str | None:
     return None
 
 
-class DeferredResults:
-    """Per-replica table of tickets; finished results are kept ``keep_s`` for re-polls."""
+def answer_of(task: asyncio.Task[Any]) -> Answer:
+    """A finished task as a ticket's answer: the result pickled, or the error's text."""
+    if task.cancelled():
+        return Answer("failed", error="cancelled")
+    exc = task.exception()
+    if exc is not None:
+        return Answer("failed", error=redact_text(f"{type(exc).__name__}: {exc}")[:2000])
+    try:
+        return Answer("done", payload=pickle.dumps(task.result(), pickle.HIGHEST_PROTOCOL))
+    except Exception as e:
+        return Answer("failed", error=f"the result cannot be kept for polling: {type(e).__name__}")
 
-    def __init__(self, deadline_s: float | None, keep_s: float = 600.0, max_tickets: int = 10_000):
+
+def reply(ticket: str, answer: Answer) -> Any:
+    """What a poll returns for ``answer``: the bare result, or an envelope."""
+    if answer.status == "done":
+        return pickle.loads(answer.payload or b"")  # from this replica or the app's store
+    return envelope(answer.status, ticket, answer.error)
+
+
+class DeferredResults:
+    """One replica's deferred work: its own table, and the app's shared store when bound.
+
+    ``shared`` is the ``TicketStore`` deployment's handle (or a ``TicketStore``); None
+    outside Serve, where the table alone answers.
+    """
+
+    def __init__(
+        self,
+        deadline_s: float | None,
+        keep_s: float = 600.0,
+        max_tickets: int = MAX_TICKETS,
+        *,
+        shared: Any = None,
+        heartbeat_s: float = HEARTBEAT_S,
+    ) -> None:
         self.deadline_s = deadline_s
         self.keep_s = keep_s
         self.max_tickets = max_tickets
-        self._tasks: OrderedDict[str, tuple[asyncio.Task[Any], float]] = OrderedDict()
+        self.heartbeat_s = heartbeat_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._local = TicketStore(keep_s, lease_s=None, max_tickets=max_tickets)
+        self._shared = SharedTickets(shared) if shared is not None else None
+        self._running: dict[str, tuple[asyncio.Task[Any], Caller]] = {}
+        self._unsynced: dict[str, tuple[Caller, Answer]] = {}  # answers the store lacks
+        self._background: set[asyncio.Task[Any]] = set()
+        self._beat: asyncio.Task[None] | None = None
+        self.stats = {"deferred": 0, "polls_here": 0, "polls_shared": 0, "store_errors": 0}
 
-    async def run(self, work: Awaitable[Any]) -> Any:
-        """Await ``work`` up to the deadline; past it, return a pending envelope."""
+    async def run(self, work: Awaitable[Any], caller: Callable[[], Awaitable[Caller]]) -> Any:
+        """Await ``work`` up to the deadline; past it, return a pending envelope.
+
+        ``caller`` names whom the ticket answers (authorizing them); it is asked only
+        when the work is deferred, and an error there cancels the work.
+        """
         if self.deadline_s is None:
             return await work
         task = asyncio.ensure_future(work)
         done, _ = await asyncio.wait({task}, timeout=self.deadline_s)
         if done:
             return task.result()
-        self._expire()
+        try:
+            who = await caller()
+        except BaseException:
+            task.cancel()
+            raise
         ticket = uuid.uuid4().hex
-        self._tasks[ticket] = (task, time.monotonic())
+        self._local.register(ticket, self.owner, who)
+        self._running[ticket] = (task, who)
+        task.add_done_callback(functools.partial(self._finished, ticket))
+        self._bound_running()
+        self.stats["deferred"] += 1
+        if self._shared is not None:  # before the ticket is out: any replica knows it
+            try:
+                await self._store("register", ticket, self.owner, who)  # or the heartbeat will
+            except BaseException:  # the request was cancelled: nobody has the ticket
+                task.cancel()
+                raise
+            self._start_heartbeat()
         return envelope("pending", ticket)
 
-    def poll(self, ticket: str) -> Any:
-        self._expire()
-        entry = self._tasks.get(ticket)
-        if entry is None:
-            return envelope("not_found", ticket)
-        task, _ = entry
-        if not task.done():
-            return envelope("pending", ticket)
-        if task.cancelled():
-            return envelope("failed", ticket, "cancelled")
-        exc = task.exception()
-        if exc is not None:
-            return envelope("failed", ticket, f"{type(exc).__name__}: {exc}")
-        return task.result()
+    async def poll(self, ticket: str, caller: Caller) -> Any:
+        """The result or an envelope; this replica's table first, then the app's store.
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for ticket, (task, started) in list(self._tasks.items()):
-            over = len(self._tasks) > self.max_tickets
-            if over or (task.done() and now - started > self.keep_s):
-                if not task.done():
-                    task.cancel()
-                del self._tasks[ticket]
+        When the store cannot be reached the answer is ``pending``: nothing is known,
+        and the caller's own bound on waiting ends it.
+        """
+        answer = self._local.lookup(ticket, caller)
+        if answer.status != "not_found" or self._shared is None:
+            self.stats["polls_here"] += 1
+            return reply(ticket, answer)
+        self.stats["polls_shared"] += 1
+        found = await self._store("lookup", ticket, caller)
+        return reply(ticket, found if isinstance(found, Answer) else Answer("pending"))
+
+    async def close(self) -> None:
+        """Stop the heartbeat (replica shutdown); pending tickets then lapse in the store."""
+        for task in [self._beat, *self._background]:
+            if task is not None:
+                task.cancel()
+
+    # -- internals
+
+    def _bound_running(self) -> None:
+        """At most ``max_tickets`` deferred tasks: the oldest are cancelled (answer failed)."""
+        if len(self._running) <= self.max_tickets:
+            return
+        live = [task for task, _ in self._running.values() if not task.cancelling()]
+        for task in live[: len(live) - self.max_tickets]:
+            task.cancel()
+
+    def _finished(self, ticket: str, task: asyncio.Task[Any]) -> None:
+        entry = self._running.pop(ticket, None)
+        if entry is None:
+            return
+        caller = entry[1]
+        answer = answer_of(task)
+        self._local.finish(ticket, self.owner, caller, answer)
+        if self._shared is not None:
+            self._unsynced[ticket] = (caller, answer)
+            push = asyncio.ensure_future(self._push(ticket))
+            self._background.add(push)
+            push.add_done_callback(self._background.discard)
+
+    async def _push(self, ticket: str) -> None:
+        entry = self._unsynced.get(ticket)
+        if entry is None:
+            return
+        caller, answer = entry
+        if await self._store("finish", ticket, self.owner, caller, answer) is not _FAILED:
+            self._unsynced.pop(ticket, None)
+
+    def _start_heartbeat(self) -> None:
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.ensure_future(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        """One call for all pending tickets, while any; answers the store missed, again."""
+        while self._running or self._unsynced:
+            await asyncio.sleep(self.heartbeat_s)
+            pending = {ticket: caller for ticket, (_, caller) in self._running.items()}
+            if pending:
+                await self._store("heartbeat", self.owner, pending)
+            for ticket in list(self._unsynced):
+                await self._push(ticket)
+
+    async def _store(self, method: str, *args: Any) -> Any:
+        assert self._shared is not None
+        try:
+            return await self._shared.call(method, *args)
+        except Exception as e:  # the store restarting or overloaded: the caller decides
+            self.stats["store_errors"] += 1
+            log.warning("ticket store call failed", method=method, error=type(e).__name__)
+            return _FAILED
+
+
+_FAILED = object()
 
 
 def deferrable(
@@ -104,7 +234,9 @@ def deferrable(
     """Decorate an endpoint method: poll requests answered, slow work deferred.
 
     The first dict argument is taken as the request body. The deployment's
-    ``_deferred`` table (set up by BaseServeDeployment) holds the tickets.
+    ``_deferred`` table (set up by BaseServeDeployment) holds the tickets, and its
+    ``_ticket_caller()`` authorizes the caller, as inference does, for polls and
+    for the tickets it binds.
     """
 
     @functools.wraps(method)
@@ -113,7 +245,7 @@ def deferrable(
         body = next((a for a in (*args, *kwargs.values()) if isinstance(a, Mapping)), None)
         ticket = poll_ticket(body)
         if ticket is not None:
-            return table.poll(ticket)
-        return await table.run(method(self, *args, **kwargs))
+            return await table.poll(ticket, await self._ticket_caller())
+        return await table.run(method(self, *args, **kwargs), self._ticket_caller)
 
     return wrapper

@@ -20,9 +20,13 @@ from ray import cloudpickle
 from config import Settings, get_settings, load_plugin_config, resolve_route_prefix
 from serve_runtime.action import discover_action
 from serve_runtime.deployment import BaseServeDeployment
+from serve_runtime.tickets import TicketStore
 
 # Settings a replica reads itself; passed on so an already-running cluster sees them.
 _REPLICA_ENV_PREFIXES = ("SYNAPSE_BRIDGE_", "SYNAPSE_SERVE_SIGNING_KEY", "SYNAPSE_TEST_")
+
+# The ticket store's calls are short (dict lookups): many at once, from every replica.
+_TICKET_STORE_CONCURRENCY = 1000
 
 
 class DeployError(RuntimeError):
@@ -103,7 +107,15 @@ def build_application(
     else:
         kwargs["num_replicas"] = opts.num_replicas or 1
 
-    application = serve.deployment(**kwargs)(ingress).bind(settings.require_backend_url())
+    # Deferred tickets answerable on every replica: one store, bound into the app.
+    tickets = serve.deployment(
+        TicketStore,
+        name="TicketStore",
+        num_replicas=1,
+        max_ongoing_requests=_TICKET_STORE_CONCURRENCY,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env_vars}},
+    ).bind()
+    application = serve.deployment(**kwargs)(ingress).bind(settings.require_backend_url(), tickets)
     env = {
         k: v
         for k, v in {

@@ -46,6 +46,7 @@ from serve_runtime.model_store import (
     identity_key,
 )
 from serve_runtime.remote import infer_remote as remote_call
+from serve_runtime.tickets import Caller
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
@@ -114,7 +115,9 @@ class BaseServeDeployment(BaseAction):
             app.add_middleware(_CaptureHeaders)
             app.state.synapse_headers = True
 
-    def __init__(self, backend_url: str) -> None:
+    def __init__(self, backend_url: str, tickets: Any = None) -> None:
+        """``tickets``: the application's ``TicketStore`` handle (``deploy()`` binds one);
+        None keeps deferred tickets in this replica only."""
         settings = get_settings()
         configure_logging(settings.log_format, settings.log_level)  # redaction in replicas too
         self.backend_url = backend_url
@@ -134,7 +137,9 @@ class BaseServeDeployment(BaseAction):
             failure_backoff_s=settings.model_failure_backoff_s,
             on_change=ModelRouting().publish,
         )
-        self._deferred = DeferredResults(self.deferred_deadline_s)
+        self._deferred = DeferredResults(
+            self.deferred_deadline_s, keep_s=settings.deferred_keep_s, shared=tickets
+        )
         # Serve awaits ``__del__`` at a replica's graceful shutdown. An instance attribute,
         # so that garbage collection never meets a coroutine finaliser.
         self.__del__ = self._shutdown
@@ -239,6 +244,15 @@ class BaseServeDeployment(BaseAction):
             )
         return mux_id, claims
 
+    async def _ticket_caller(self) -> Caller:
+        """Whom a deferred ticket answers; authorized for the model as inference is."""
+        _, claims = self._claims()
+        try:
+            await self._store.authorize(claims.model, claims.token, claims.tenant)
+        except ModelAccessError as e:
+            raise _http_error(e.status, e.code, str(e), e.transient) from None
+        return Caller.of(claims.tenant, claims.model, claims.token)
+
     async def _checkout(self) -> LoadedModel:
         """Authorize the caller, then lease the model's copy from the store.
 
@@ -257,6 +271,7 @@ class BaseServeDeployment(BaseAction):
 
     async def _shutdown(self) -> None:
         """Release every model and delete this replica's files (graceful shutdown)."""
+        await self._deferred.close()
         await self._store.close()
         await self._store.backend.aclose()
         await asyncio.to_thread(self._dir.close)

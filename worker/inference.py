@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import structlog
+
 from config import Settings
 from config.errors import DeadlineExceeded
 from serve_runtime.client import ServeClient
@@ -29,6 +31,8 @@ from worker.pipeline import (
 )
 from worker.retry import RetryPolicy
 
+log = structlog.get_logger("worker.inference")
+
 # A poll that meets a transient error costs a tenth of a retry: polls are cheap and
 # frequent, so the job fails after ``retry_max * POLL_ERRORS_PER_RETRY`` failed polls.
 # Errors are counted, not polls: a long deferred job may poll thousands of times.
@@ -38,6 +42,25 @@ POLL_ERRORS_PER_RETRY = 10
 def poll_errors_exhausted(errors: int, policy: RetryPolicy) -> bool:
     """The job has met as many failed polls as its retry bound allows."""
     return errors >= policy.max_retries * POLL_ERRORS_PER_RETRY
+
+
+def ticket_lost(job: Job, bound: int, waited: float) -> Outcome:
+    """The replica no longer knows the job's ticket: submit it again, up to ``bound``
+    times, then fail it rather than compute it again without end."""
+    done = job.msg.resubmits or 0
+    if done >= bound:
+        metrics.DEFERRED_LOST.labels(action="failed").inc()
+        log.warning("deferred ticket lost; resubmission bound reached", resubmits=done, bound=bound)
+        return failed(
+            f"deferred result lost {done + 1} times (its replica restarted, or the result "
+            "expired before it was polled); not computed again after "
+            f"SYNAPSE_BRIDGE_DEFERRED_RESUBMITS={bound} resubmissions",
+            inference_s=waited,
+        )
+    job.msg = job.msg.model_copy(update={"resubmits": done + 1})  # travels with the message
+    metrics.DEFERRED_LOST.labels(action="resubmitted").inc()
+    log.warning("deferred ticket lost; submitting the job again", resubmit=done + 1, bound=bound)
+    return Requeued("deferred ticket lost; submitting the job again", resubmit=True)
 
 
 def execute_single(serve: ServeClient, job: Job) -> Outcome:
@@ -81,7 +104,7 @@ def execute_poll(serve: ServeClient, settings: Settings, policy: RetryPolicy, jo
             deadline=job.deadline,
         )
     except DeferredNotFound:
-        return Requeued("deferred ticket lost (replica restarted?); submitting the job again")
+        return ticket_lost(job, settings.deferred_resubmits, waited)
     except DeadlineExceeded:
         return time_limit_failure(job)
     except ServeError as e:

@@ -83,6 +83,9 @@ class JobMessage(BaseModel):
     priority: int = Field(5, ge=0, le=9)
     deadline: datetime | None = None
     submitted_at: float | None = Field(None, description="unix time the job was queued")
+    # Poll state that must survive a resubmission (a new run message): how often the
+    # job was submitted again after its deferred ticket was lost. None: never.
+    resubmits: int | None = Field(None, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _one_payload(self) -> JobMessage:

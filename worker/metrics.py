@@ -25,6 +25,12 @@ RETRIES = Counter("synapse_job_retries_total", "Retries scheduled after transien
 MODEL_WAITS = Counter(
     "synapse_model_waits_total", "Jobs sent back to the queue: their model was not admitted"
 )
+DEFERRED_LOST = Counter(
+    "synapse_deferred_tickets_lost_total",
+    "Deferred results whose ticket was lost: the job submitted again, or failed past "
+    "SYNAPSE_BRIDGE_DEFERRED_RESUBMITS",
+    ["action"],
+)
 DEAD_LETTERS = Counter("synapse_dead_letters_total", "Jobs sent to the dead-letter queue")
 JOB_LATENCY = Histogram(
     "synapse_job_latency_seconds", "From submit to the final write", buckets=_BUCKETS

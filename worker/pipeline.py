@@ -96,9 +96,14 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Requeued:
-    """The job goes back to the queue as a new message (its model must wait, say)."""
+    """The job goes back to the queue as a new message (its model must wait, say).
+
+    ``resubmit``: its deferred ticket was lost and it is computed again (counted in
+    ``JobMessage.resubmits``, bounded by ``SYNAPSE_BRIDGE_DEFERRED_RESUBMITS``).
+    """
 
     reason: str
+    resubmit: bool = False
     status = "REQUEUED"
 
 

@@ -75,7 +75,7 @@ class Settler:
         elif isinstance(outcome, Deferred):
             self.schedule_poll(job, outcome)
         elif isinstance(outcome, Requeued):
-            self.requeue(job.msg, outcome.reason)
+            self.requeue(job.msg, outcome.reason, model_wait=not outcome.resubmit)
         elif isinstance(outcome, Rejected):
             self.quarantine(raw, outcome.reason, fail_job=False)
         elif isinstance(outcome, Skipped):
@@ -174,9 +174,10 @@ class Settler:
             argsrepr="()",
         )
 
-    def requeue(self, msg: JobMessage, reason: str) -> None:
+    def requeue(self, msg: JobMessage, reason: str, *, model_wait: bool = True) -> None:
         send_message(msg, app=self.app, ledger=self.svc.ledger)
-        metrics.MODEL_WAITS.inc()
+        if model_wait:
+            metrics.MODEL_WAITS.inc()
         log.info("job back on the queue", reason=reason)
 
     # -- messages that cannot be processed

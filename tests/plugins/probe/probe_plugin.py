@@ -75,6 +75,10 @@ class ProbeDeployment(BaseServeDeployment):
         """Not deferrable: a caller that goes away cancels the request (and its load)."""
         return await self.predict(body)
 
+    async def deferred_stats(self) -> dict[str, Any]:
+        """This replica's deferred counters (polls answered here or from the store)."""
+        return {"pid": os.getpid(), **self._deferred.stats}
+
     async def infer_batch(self, requests: list[BatchItem]) -> list[Any]:
         out = []
         for r in requests:
