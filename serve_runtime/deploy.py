@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ray import cloudpickle
+from ray.serve.config import RequestRouterConfig
 
 from config import Settings, get_settings, load_plugin_config, resolve_route_prefix
 from serve_runtime.action import discover_action
 from serve_runtime.deployment import BaseServeDeployment
+from serve_runtime.routing import BoundedRequestRouter
 from serve_runtime.tickets import TicketStore
 
 # Settings a replica reads itself; passed on so an already-running cluster sees them.
@@ -101,6 +103,8 @@ def build_application(
         "name": cls.__name__,
         "max_ongoing_requests": opts.max_ongoing_requests,
         "ray_actor_options": actor_options,
+        # Ray's router grows by one entry per distinct id it routes (routing.py).
+        "request_router_config": RequestRouterConfig(request_router_class=BoundedRequestRouter),
     }
     if opts.autoscaling_config is not None:
         kwargs["autoscaling_config"] = opts.autoscaling_config.model_dump(exclude_none=True)
