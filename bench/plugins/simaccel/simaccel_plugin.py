@@ -31,8 +31,8 @@ from typing import Any
 from fastapi import FastAPI
 
 import serve_runtime.deployment as runtime_deployment
+from serve_runtime.backend_client import ModelAccessError
 from serve_runtime.deployment import BaseServeDeployment, BatchItem
-from serve_runtime.model_store import ModelAccessError
 
 # This module travels by value (deploy() registers it with cloudpickle): a global it
 # names is pickled with it, and the runtime's ContextVar cannot be. Reach the runtime's
