@@ -47,7 +47,12 @@ class InvalidId(ValueError):
 
     def __init__(self, field: str, value: Any, allowed: str) -> None:
         self.field = field
+        self.allowed = allowed
         super().__init__(f"invalid {field} {quoted(value)}: allowed are {allowed}")
+
+    def unquoted(self) -> str:
+        """The message without the value, where no field's value may be quoted."""
+        return f"invalid {self.field}: allowed are {self.allowed}"
 
 
 def quoted(value: Any) -> str:

@@ -261,8 +261,10 @@ def test_a_job_message_with_a_bad_id_is_invalid_naming_the_field(field: str, val
     with pytest.raises(InvalidJob) as info:
         parse_job(raw)
     assert str(info.value).startswith(f"invalid job message: {field}:"), str(info.value)
+    assert "allowed are" in str(info.value)
     assert info.value.job_id == "j1"
-    assert TOKENS["alice"] not in str(info.value)
+    if value:  # validation errors quote no value (tests/test_security.py)
+        assert value not in str(info.value), str(info.value)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -347,7 +349,8 @@ def test_a_worker_job_with_a_bad_model_id_is_quarantined_and_failed(
     )
     assert job["status"] == "FAILED", job
     error = job["result"]["error"]
-    assert "model:" in error and "invalid model" in error, error
+    assert "model: Value error, invalid model id" in error, error
+    assert "12/../13" not in error  # validation errors quote no value
     wait_for(lambda: r.llen(INVALID_QUEUE) > before, what="message quarantined")
     quarantined = [json.loads(m) for m in r.lrange(INVALID_QUEUE, 0, -1)]
     assert any(job_id in json.dumps(m) for m in quarantined)

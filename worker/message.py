@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from config import prefix_for_release
-from config.ids import JOB_ID_PATTERN, JOB_ID_RE, check_model_id, check_tenant
+from config.ids import JOB_ID_PATTERN, JOB_ID_RE, InvalidId, check_model_id, check_tenant
 from config.logging import SECRET_KEYS, redact_text
 from worker.sealing import Sealer, UnsealError, is_sealed
 from worker.sealing import sealer as default_sealer
@@ -86,13 +86,19 @@ class JobMessage(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_id(cls, v: int | str) -> int | str:
-        check_model_id(v, "model")  # it goes into the backend's models/{id}/ URL
+        try:
+            check_model_id(v, "model id")  # it goes into the backend's models/{id}/ URL
+        except InvalidId as e:
+            raise ValueError(e.unquoted()) from None  # validation errors quote no value
         return v
 
     @field_validator("tenant")
     @classmethod
     def _tenant_code(cls, v: str | None) -> str | None:
-        return None if v is None else check_tenant(v)  # a header and a model key
+        try:
+            return None if v is None else check_tenant(v)  # a header and a model key
+        except InvalidId as e:
+            raise ValueError(e.unquoted()) from None
 
     @model_validator(mode="after")
     def _one_payload(self) -> JobMessage:
