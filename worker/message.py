@@ -86,6 +86,8 @@ class JobMessage(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_id(cls, v: int | str) -> int | str:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("model must be a non-empty id")
         try:
             check_model_id(v, "model id")  # it goes into the backend's models/{id}/ URL
         except InvalidId as e:
