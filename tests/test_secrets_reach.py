@@ -313,5 +313,6 @@ def test_no_secret_in_serves_reported_config(keys_app: Any, serve_env: dict[str,
     result = _call(keys_app.route_prefix, LOCAL_MODEL, SIGNING_KEY)
     assert not isinstance(result, ServeError), result
     assert result["model"] == LOCAL_MODEL
-    refused = _call(keys_app.route_prefix, LOCAL_MODEL)
+    # (This process has the key in its environment: sign with the URL explicitly.)
+    refused = _call(keys_app.route_prefix, LOCAL_MODEL, serve_env["SYNAPSE_HOST"])
     assert isinstance(refused, ServeError) and refused.status_code == 401, refused
