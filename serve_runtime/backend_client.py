@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from config.errors import BridgeError
-from config.ids import InvalidId, check_model_id
+from config.ids import InvalidId, check_model_id, check_tenant
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -74,8 +74,11 @@ class BackendClient:
     async def get_model(self, model_id: str, token: str, tenant: str | None) -> dict[str, Any]:
         try:
             model_id = check_model_id(model_id, "model id")
+            if tenant:
+                check_tenant(tenant)  # it goes into a header
         except InvalidId as e:  # never sent: httpx would resolve '..' to another path
-            raise ModelAccessError(str(e), status=400, code="invalid_model_id") from None
+            code = "invalid_tenant" if e.field == "tenant" else "invalid_model_id"
+            raise ModelAccessError(str(e), status=400, code=code) from None
         url = f"{self.base_url}/models/{model_id}/"
         try:
             r = await self.http.get(url, headers=auth_headers(token, tenant))

@@ -200,10 +200,10 @@ def test_infer_remote_refuses_a_bad_model_before_any_call() -> None:
 def test_the_replicas_backend_client_never_sends_a_bad_model_id() -> None:
     from serve_runtime.backend_client import BackendClient, ModelAccessError
 
-    async def go(model_id: str) -> ModelAccessError:
+    async def go(model_id: str, tenant: str = "acme") -> ModelAccessError:
         client = BackendClient("http://127.0.0.1:9")  # a request would answer 503
         try:
-            await client.get_model(model_id, TOKENS["alice"], "acme")
+            await client.get_model(model_id, TOKENS["alice"], tenant)
         except ModelAccessError as e:
             return e
         finally:
@@ -213,6 +213,8 @@ def test_the_replicas_backend_client_never_sends_a_bad_model_id() -> None:
     for model_id in ("../13", "12/../13", "%2e%2e", ".", "12?x=1"):
         e = asyncio.run(go(model_id))
         assert (e.status, e.code) == (400, "invalid_model_id"), (model_id, e)
+    e = asyncio.run(go("12", tenant="acme\r\nX-Evil: 1"))
+    assert (e.status, e.code) == (400, "invalid_tenant"), e
 
 
 def test_the_workers_backend_client_never_sends_a_bad_job_id_or_tenant() -> None:
