@@ -107,6 +107,9 @@ class Settings(BaseSettings):
         "SYNAPSE_BRIDGE_ROUTING_MODE", default="compatible"
     )
     signing_key: SecretStr | None = _env("SYNAPSE_SERVE_SIGNING_KEY")
+    # The key read from a file on the node instead (a path is no secret: it may travel in
+    # Ray's runtime_env, which Serve's API shows; the key never does).
+    signing_key_file: Path | None = _env("SYNAPSE_SERVE_SIGNING_KEY_FILE")
     token_ttl_s: int | None = _env("SYNAPSE_BRIDGE_TOKEN_TTL", default=None)
     deferred_poll_interval_s: float = _env("SYNAPSE_BRIDGE_DEFERRED_POLL_INTERVAL", default=1.0)
     # Replicas: how long a deferred result is kept for its polls, from its completion.
@@ -243,6 +246,23 @@ class Settings(BaseSettings):
         if v < 0:
             raise ValueError("must be 0 or more")
         return v
+
+    @model_validator(mode="after")
+    def _signing_key_from_file(self) -> Settings:
+        """``signing_key`` from ``SYNAPSE_SERVE_SIGNING_KEY_FILE`` when not set itself."""
+        if self.signing_key is not None or self.signing_key_file is None:
+            return self
+        try:
+            key = self.signing_key_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"SYNAPSE_SERVE_SIGNING_KEY_FILE={self.signing_key_file}: cannot read it "
+                f"({type(e).__name__})"
+            ) from None
+        if not key:
+            raise ValueError(f"SYNAPSE_SERVE_SIGNING_KEY_FILE={self.signing_key_file}: empty")
+        object.__setattr__(self, "signing_key", SecretStr(key))  # frozen: set once, here
+        return self
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

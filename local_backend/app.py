@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hmac
 import sqlite3
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -58,6 +59,7 @@ from local_backend.seed import JobSpec, SeedSpec, apply_seed, models_dir
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+REQUEST_LOG_SIZE = 10_000
 MEDIA_TYPES = {"zip": "application/zip", "tar": "application/x-tar", "tar.gz": "application/gzip"}
 
 ADMIN_USER = "_admin"  # the write log's ``user`` for writes made through ``_admin/``
@@ -73,8 +75,14 @@ class BackendApp(FastAPI):
         super().__init__(*args, **kwargs)
         self.faults = faults
         self._fault_layer = FaultMiddleware(super().__call__, faults)
+        # The public API's requests as they arrived (the last REQUEST_LOG_SIZE): a test
+        # can tell that a path was never asked for.
+        self.request_log: deque[dict[str, str]] = deque(maxlen=REQUEST_LOG_SIZE)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/_admin"):
+            raw = scope.get("raw_path") or scope["path"].encode()
+            self.request_log.append({"method": scope["method"], "path": raw.decode("latin-1")})
         await self._fault_layer(scope, receive, send)
 
 
@@ -198,7 +206,7 @@ def create_app(
         model = load_model(model_id)
         check_object(request, user, model.tenant, model.allows(user))
         db.bump(f"model_gets:{model.id}")
-        file_url = (
+        file_url = model.file_url or (
             f"{base_url(request)}/files/models/{model.file_name}" if model.file_name else None
         )
         return {
@@ -435,6 +443,18 @@ def create_app(
         require_admin(request)
         app.faults.clear()
         return app.faults.snapshot()
+
+    @app.get("/_admin/requests/")
+    def admin_requests(request: Request) -> list[dict[str, str]]:
+        """The public API's requests, oldest first: ``[{"method", "path"}]`` (raw path)."""
+        require_admin(request)
+        return list(app.request_log)
+
+    @app.delete("/_admin/requests/")
+    def admin_clear_requests(request: Request) -> dict[str, int]:
+        require_admin(request)
+        app.request_log.clear()
+        return {"requests": 0}
 
     @app.get("/_admin/stats/")
     def admin_stats(request: Request) -> dict[str, Any]:

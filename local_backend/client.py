@@ -6,12 +6,24 @@ the user-facing headers (token and tenant) the way the real backend expects them
 
 from __future__ import annotations
 
+import re
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 from local_backend import DEFAULT_ADMIN_TOKEN
+
+# The job ids that may go into a URL path: config/ids.py's set (repeated here, as this
+# package imports nothing else of ours): no '/', '..', '?', '#', '%' or space.
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+def job_path(job_id: str, tail: str = "") -> str:
+    """``_admin/jobs/{id}/<tail>``; ``ValueError`` for an id that would change the path."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"not a job id: {str(job_id)[:40]!r} (letters, digits, _ . : -)")
+    return f"_admin/jobs/{job_id}/{tail}"
 
 
 def auth_headers(token: str, tenant: str | None = None) -> dict[str, str]:
@@ -67,18 +79,18 @@ class AdminClient:
         )
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"_admin/jobs/{job_id}/")
+        return self._call("GET", job_path(job_id))
 
     def writes(self, job_id: str, refused: bool | None = None) -> list[dict[str, Any]]:
         """The job's write log, oldest first: ``[{"seq", "time", "body", "status",
         "refused", "code", "user"}]``, accepted and 409-refused PATCHes alike;
         ``refused=False`` keeps the accepted ones only, ``True`` the refused ones."""
         params = {} if refused is None else {"refused": str(refused).lower()}
-        return self._call("GET", f"_admin/jobs/{job_id}/writes/", params=params)
+        return self._call("GET", job_path(job_id, "writes/"), params=params)
 
     def stop_job(self, job_id: str) -> dict[str, Any]:
         """Stop (cancel) a job: PENDING/QUEUED/RUNNING -> STOPPED; 409 if it is final."""
-        return self._call("POST", f"_admin/jobs/{job_id}/stop/")
+        return self._call("POST", job_path(job_id, "stop/"))
 
     def write_summary(self, job_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """``{job_id: {"status", "writes", "final_writes", "refused", "refused_final"}}``
@@ -98,6 +110,13 @@ class AdminClient:
 
     def clear_faults(self) -> dict[str, Any]:
         return self._call("DELETE", "_admin/faults/")
+
+    def requests(self) -> list[dict[str, str]]:
+        """The public API's requests as they arrived, oldest first: ``[{"method", "path"}]``."""
+        return self._call("GET", "_admin/requests/")
+
+    def clear_requests(self) -> None:
+        self._call("DELETE", "_admin/requests/")
 
     def stats(self) -> dict[str, Any]:
         """Jobs by status, PATCH counts (``patches`` accepted, ``patches_refused``),

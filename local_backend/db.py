@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS models (
     checksum TEXT,
     size INTEGER,
     file_name TEXT,
+    file_url TEXT,
     access TEXT NOT NULL DEFAULT 'tenant' CHECK (access IN ('tenant', 'grants'))
 );
 CREATE TABLE IF NOT EXISTS model_grants (
@@ -134,6 +135,7 @@ _JOB_WRITES_ADDED = (
     ("code", "INTEGER NOT NULL DEFAULT 200"),
     ("user", "TEXT"),
 )
+_MODELS_ADDED = (("file_url", "TEXT"),)
 
 
 class TransitionRefused(Exception):
@@ -186,6 +188,7 @@ class Model:
     checksum: str | None
     size: int | None
     file_name: str | None
+    file_url: str | None  # a file held elsewhere (another host), served as is
     access: str  # 'tenant' (all members) or 'grants' (explicit users)
     grants: frozenset[str]
 
@@ -219,6 +222,10 @@ class Database:
             for name, decl in _JOB_WRITES_ADDED:
                 if name not in have:  # a store made before the column existed
                     self._conn.execute(f"ALTER TABLE job_writes ADD COLUMN {name} {decl}")
+            have = {r["name"] for r in self._conn.execute("PRAGMA table_info(models)")}
+            for name, decl in _MODELS_ADDED:
+                if name not in have:
+                    self._conn.execute(f"ALTER TABLE models ADD COLUMN {name} {decl}")
 
     @classmethod
     def in_dir(cls, data_dir: Path) -> Database:
@@ -309,18 +316,19 @@ class Database:
         size: int | None,
         file_name: str | None,
         grants: list[str] | None,
+        file_url: str | None = None,
     ) -> None:
         """Create or replace model ``id``; ``grants=None`` means all tenant members."""
         access = "tenant" if grants is None else "grants"
         with self.tx() as c:
             c.execute("INSERT OR IGNORE INTO tenants(code) VALUES (?)", (tenant,))
             c.execute(
-                "INSERT INTO models(id, name, tenant, version, checksum, size, file_name, access) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "name=excluded.name, tenant=excluded.tenant, version=excluded.version, "
+                "INSERT INTO models(id, name, tenant, version, checksum, size, file_name, "
+                "file_url, access) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
+                "SET name=excluded.name, tenant=excluded.tenant, version=excluded.version, "
                 "checksum=excluded.checksum, size=excluded.size, file_name=excluded.file_name, "
-                "access=excluded.access",
-                (id, name, tenant, version, checksum, size, file_name, access),
+                "file_url=excluded.file_url, access=excluded.access",
+                (id, name, tenant, version, checksum, size, file_name, file_url, access),
             )
             c.execute("DELETE FROM model_grants WHERE model_id=?", (id,))
             c.executemany(
@@ -344,6 +352,7 @@ class Database:
             checksum=row["checksum"],
             size=row["size"],
             file_name=row["file_name"],
+            file_url=row["file_url"],
             access=row["access"],
             grants=frozenset(g["user"] for g in grants),
         )

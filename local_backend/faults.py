@@ -4,7 +4,8 @@ A rule matches requests by path prefix (relative to the base URL, e.g. ``"jobs/"
 method, and can add latency, answer 503 (``outage``), answer an error status for a share
 of requests (``error_rate``), drop the connection for a share (``drop_rate``), serve a
 share but answer their 2xx with a body that is not JSON (``non_json_rate``), or refuse
-bodies over a size with 413 (``max_body_bytes``). The
+bodies over a size with 413 (``max_body_bytes``), or answer 302 to another URL
+(``redirect_to``: a client that follows it takes its headers there). The
 ``_admin/`` and ``health/`` paths are never faulted, so a test can always switch faults
 off again. Latency is an ``asyncio.sleep`` in the middleware: it delays only the faulted
 request, never the others.
@@ -71,6 +72,7 @@ class FaultRule(BaseModel):
         None, ge=0, description="request bodies over this many bytes answer 413"
     )
     limit: int | None = Field(None, ge=1, description="apply to the first N matches only")
+    redirect_to: str | None = Field(None, description="answer 302 with this Location")
 
     @field_validator("path_prefix")
     @classmethod
@@ -121,8 +123,9 @@ def load_faults(text_or_path: str) -> FaultConfig:
 @dataclass
 class Decision:
     latency_s: float = 0.0
-    outcome: str | None = None  # None | "outage" | "drop" | "error" | "non_json"
+    outcome: str | None = None  # None | "outage" | "redirect" | "drop" | "error" | "non_json"
     status: int = 200
+    location: str | None = None
     max_body_bytes: int | None = None
 
 
@@ -169,6 +172,8 @@ class FaultState:
                 continue
             if rule.outage:
                 d.outcome, d.status = "outage", 503
+            elif rule.redirect_to:
+                d.outcome, d.status, d.location = "redirect", 302, rule.redirect_to
             elif rule.drop_rate and self.rng.random() < rule.drop_rate:
                 d.outcome = "drop"
             elif rule.error_rate and self.rng.random() < rule.error_rate:
@@ -217,6 +222,9 @@ class FaultMiddleware:
                 else (f"Injected fault: {d.status}")
             )
             extra = [(b"retry-after", b"1")] if d.outcome == "outage" else []
+            if d.location is not None:
+                detail = "Found (injected redirect)"
+                extra = [(b"location", d.location.encode("latin-1"))]
             await _answer(send, d.status, {"detail": detail}, d.outcome.encode(), extra)
 
 

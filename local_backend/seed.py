@@ -11,7 +11,9 @@ self-contained: an ``archive`` (``.zip``, ``.tar``, ``.tar.gz``/``.tgz``) is cop
 ``directory`` is packed into a ``.tar.gz`` deterministically (sorted, zeroed times and
 owners: packing the same directory twice gives the same checksum). ``checksum`` and
 ``size`` are computed from the stored bytes; a spec may give ``checksum`` itself to
-force a wrong one (for tests of the checksum check). A model with neither has no file.
+force a wrong one (for tests of the checksum check). A ``file_url`` instead names a file
+held elsewhere (another host, a pre-signed URL): answered as the model's ``file`` as is,
+with the spec's ``checksum``. A model with none of them has no file.
 
 Relative paths resolve against the YAML file's directory (``load_seed_file``) or the
 current directory.
@@ -63,11 +65,14 @@ class ModelSpec(BaseModel):
     directory: Path | None = None
     grants: list[str] | None = Field(None, description="user names; omitted: all members")
     checksum: str | None = Field(None, description="override the computed checksum")
+    file_url: str | None = Field(
+        None, description="the file is elsewhere (another host): its URL, given as is"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        if self.archive is not None and self.directory is not None:
-            raise ValueError("give either 'archive' or 'directory', not both")
+        if sum(x is not None for x in (self.archive, self.directory, self.file_url)) > 1:
+            raise ValueError("give one of 'archive', 'directory' or 'file_url'")
         return self
 
 
@@ -214,8 +219,17 @@ def apply_seed(
             size=size,
             file_name=file_name,
             grants=m.grants,
+            file_url=m.file_url,
         )
-        models.append({"id": m.id, "file_name": file_name, "checksum": checksum, "size": size})
+        models.append(
+            {
+                "id": m.id,
+                "file_name": file_name,
+                "file_url": m.file_url,
+                "checksum": checksum,
+                "size": size,
+            }
+        )
     jobs = [db.insert_job(j.record(), upsert=True)["id"] for j in spec.jobs]
     return {
         "tenants": len(spec.tenants),

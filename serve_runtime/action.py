@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -20,13 +21,19 @@ class ActionNotFound(LookupError):
     """No action of that name in the plugin; the message lists what there is."""
 
 
-class BaseAction:
-    """An action a plugin offers; subclasses set ``action_name``."""
+class BaseAction(ABC):
+    """An action a plugin offers; subclasses set ``action_name``.
+
+    An ABC, as in the SDK: a subclass that leaves an abstract method of its base
+    undefined (``execute``; a serve deployment's ``_get_model`` or ``infer``) fails when it is
+    instantiated (``TypeError``), not at its first request.
+    """
 
     action_name: ClassVar[str] = ""
 
+    @abstractmethod
     def execute(self) -> Any:
-        raise NotImplementedError
+        """Run the action."""
 
 
 def import_plugin_module(module: str, plugin_dir: Path | None = None) -> ModuleType:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
 from ray import cloudpickle
 from ray.serve.config import RequestRouterConfig
 
@@ -25,7 +27,23 @@ from serve_runtime.routing import BoundedRequestRouter
 from serve_runtime.tickets import TicketStore
 
 # Settings a replica reads itself; passed on so an already-running cluster sees them.
-_REPLICA_ENV_PREFIXES = ("SYNAPSE_BRIDGE_", "SYNAPSE_SERVE_SIGNING_KEY", "SYNAPSE_TEST_")
+_REPLICA_ENV_PREFIXES = ("SYNAPSE_BRIDGE_", "SYNAPSE_SERVE_SIGNING_KEY_FILE", "SYNAPSE_TEST_")
+# Never passed on: Serve's API (serve.status(), the dashboard) shows the runtime_env. A
+# replica reads its secrets on its node: its own environment, or a *_FILE setting.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"://[^/@\s]*@")
+
+
+def replica_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings a replica is given in its runtime_env: ours, none of them a secret
+    (a secret-like name other than a ``*_FILE`` path, or a URL with credentials)."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if k.startswith(_REPLICA_ENV_PREFIXES)
+        and (k.endswith("_FILE") or not _SECRET_NAME.search(k))
+        and not _URL_USERINFO.search(v)
+    }
 
 # The ticket store's calls are short (dict lookups): many at once, from every replica.
 _TICKET_STORE_CONCURRENCY = 1000
@@ -69,8 +87,11 @@ def build_application(
     cls = discover_action(plugin_dir, action)
     if not issubclass(cls, BaseServeDeployment):
         raise DeployError(f"{action_cfg.entrypoint} is not a BaseServeDeployment")
-    if not hasattr(cls, "app"):
-        raise DeployError(f"{action_cfg.entrypoint} has no `app = FastAPI()` class attribute")
+    if not isinstance(getattr(cls, "app", None), FastAPI) or cls.app is BaseServeDeployment.app:
+        raise DeployError(
+            f"{action_cfg.entrypoint} defines no FastAPI app of its own: add `app = FastAPI()` "
+            "as a class attribute and decorate its endpoint with `@app.post('/')`"
+        )
     opts = action_cfg.serve.model_copy(update=overrides or {})
     # serve.ingress fixes the endpoints' signatures (self injected) on the function
     # objects; by reference, a replica would import fresh, unfixed ones. By value,
@@ -91,7 +112,7 @@ def build_application(
     ingress = serve.ingress(cls.app)(configured)
 
     actor_options: dict[str, Any] = opts.ray_actor_options.model_dump(exclude_none=True)
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith(_REPLICA_ENV_PREFIXES)}
+    env_vars = replica_env(os.environ)
     module_root = _module_root(plugin_dir, cls.__module__)
     if module_root is not None:
         env_vars["PYTHONPATH"] = os.pathsep.join(

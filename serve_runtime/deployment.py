@@ -33,23 +33,18 @@ from ray import serve
 
 from config import configure_logging, get_settings
 from serve_runtime.action import BaseAction
+from serve_runtime.backend_client import BackendClient, ModelAccessError
 from serve_runtime.batcher import DeviceBatcher
 from serve_runtime.deferred import DeferredResults
 from serve_runtime.model_dirs import ReplicaDir
 from serve_runtime.model_routing import ModelRouting
-from serve_runtime.model_store import (
-    BackendClient,
-    LoadedModel,
-    ModelAccessError,
-    ModelStore,
-    identity,
-    identity_key,
-)
+from serve_runtime.model_store import LoadedModel, ModelStore, identity, identity_key
 from serve_runtime.remote import infer_remote as remote_call
 from serve_runtime.tickets import Caller
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
+    InvalidClaimId,
     ModelClaims,
     ModelKey,
     TokenError,
@@ -101,7 +96,9 @@ class BaseServeDeployment(BaseAction):
     """Base class for Ray Serve inference deployments (the SDK's API)."""
 
     action_name: ClassVar[str] = "inference"
-    app: ClassVar[FastAPI]
+    # The SDK's class attribute. A plugin defines its own (``app = FastAPI()``) and
+    # decorates ``infer`` on it; deploy() refuses a plugin that would serve this one.
+    app: ClassVar[FastAPI] = FastAPI()
 
     # Set by deploy() from config.yaml; defaults suit a direct serve.run too.
     max_models_per_replica: ClassVar[int] = 3
@@ -236,6 +233,8 @@ class BaseServeDeployment(BaseAction):
                     401, "missing_model_token", f"model-affine call without {AFFINE_TOKEN_HEADER}"
                 )
             claims = decode_model_token(token, self._signing_key)
+        except InvalidClaimId as e:  # an id that could change the backend URL: never sent
+            raise _http_error(400, e.code, str(e)) from None
         except TokenError as e:
             raise _http_error(401, "invalid_model_token", str(e)) from None
         if claims.model != key.model or (claims.tenant or None) != key.tenant:

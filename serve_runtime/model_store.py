@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import structlog
 
-from config.errors import BridgeError
 from serve_runtime.archive import ArchiveError, safe_extract
+from serve_runtime.backend_client import BackendClient, ModelAccessError
 from serve_runtime.download import (
     ChecksumMismatchError,
     DownloadError,
@@ -38,74 +37,6 @@ log = structlog.get_logger("serve_runtime.model_store")
 
 Loader = Callable[[dict[str, Any]], Awaitable[Any]]
 Releaser = Callable[[Any, dict[str, Any]], Awaitable[None]]
-
-
-class ModelAccessError(BridgeError):
-    """A model cannot be served to this caller; ``status`` is the HTTP answer to give."""
-
-    def __init__(self, message: str, *, status: int, code: str, transient: bool = False):
-        super().__init__(message, transient=transient)
-        self.status = status
-        self.code = code
-
-
-def auth_headers(token: str, tenant: str | None) -> dict[str, str]:
-    """The backend's auth headers (backend-api.md)."""
-    headers = {"Authorization": f"Token {token}"}
-    if tenant:
-        headers["Synapse-Tenant"] = f"Token {tenant}"
-    return headers
-
-
-class BackendClient:
-    """The replica's view of the Synapse backend: model metadata and files."""
-
-    def __init__(self, base_url: str, timeout_s: float = 30.0):
-        self.base_url = base_url.rstrip("/")
-        self.timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
-        self._http: httpx.AsyncClient | None = None
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        if self._http is None:  # created lazily, on the event loop that uses it
-            self._http = httpx.AsyncClient(timeout=self.timeout)
-        return self._http
-
-    async def get_model(self, model_id: str, token: str, tenant: str | None) -> dict[str, Any]:
-        url = f"{self.base_url}/models/{model_id}/"
-        try:
-            r = await self.http.get(url, headers=auth_headers(token, tenant))
-        except httpx.HTTPError as e:
-            raise ModelAccessError(
-                f"backend unreachable for model {model_id} ({type(e).__name__})",
-                status=503,
-                code="backend_unavailable",
-                transient=True,
-            ) from None
-        if r.status_code == 200:
-            return r.json()
-        if r.status_code == 401:
-            raise ModelAccessError(
-                "backend refused the user token (401)", status=401, code="unauthorized"
-            )
-        if r.status_code == 403:
-            raise ModelAccessError(
-                f"no access to model {model_id} in tenant {tenant!r}", status=403, code="forbidden"
-            )
-        if r.status_code == 404:
-            raise ModelAccessError(
-                f"model {model_id} not found", status=404, code="model_not_found"
-            )
-        raise ModelAccessError(
-            f"backend answered {r.status_code} for model {model_id}",
-            status=503 if r.status_code >= 500 else 502,
-            code="backend_error",
-            transient=r.status_code >= 500,
-        )
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
 
 
 def identity(info: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -368,7 +299,7 @@ class ModelStore:
                 self.backend.http,
                 str(file_url),
                 archive,
-                headers=auth_headers(token, tenant),
+                headers=self.backend.file_headers(str(file_url), token, tenant),
                 max_bytes=self.max_download_bytes,
                 checksum=info.get("checksum"),
             )

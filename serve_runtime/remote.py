@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from config import SettingsError, resolve_route_prefix
+from config.ids import check_model_id, check_tenant
 from serve_runtime.client import default_client
 
 EnvGetter = Callable[[str], str | None]
@@ -37,7 +38,9 @@ def infer_remote(params: dict[str, Any], ctx: Any) -> Any:
     """Resolve the route prefix, mint the model token, call, and wait for a deferred result.
 
     ``params``: ``model`` (id), ``method`` (default post), ``json`` (the body), and
-    optionally ``tenant``. Raises a ``ServeError`` subclass on failure.
+    optionally ``tenant``. A model id or tenant outside config/ids.py's set is a
+    ``ValueError`` naming it, before anything is sent. Raises a ``ServeError`` subclass
+    on failure.
     """
     get = env_getter(ctx)
     env = {
@@ -55,13 +58,17 @@ def infer_remote(params: dict[str, Any], ctx: Any) -> Any:
     model = params.get("model")
     if model is None:
         raise ValueError("infer_remote: params['model'] is required to choose the model")
+    check_model_id(model, "infer_remote params['model']")  # InvalidId, a ValueError
+    tenant = params.get("tenant") or get("SYNAPSE_TENANT")
+    if tenant:
+        check_tenant(tenant, "infer_remote tenant")
     client = default_client()
     return client.call_and_wait(
         route_prefix,
         params.get("json", {}),
         model=model,
         token=token,
-        tenant=params.get("tenant") or get("SYNAPSE_TENANT"),
+        tenant=tenant,
         method=params.get("method", "post"),
         backend_url=backend_url,
     )

@@ -3,8 +3,9 @@
 The SDK signs ``{"model": str(id), "token": <user token>[, "tenant": ...]}`` with HS256
 and the backend URL as the key; ours are byte-for-byte the same claims, so tokens
 cross in both directions. Hardening on top: a deployment may hold its own signing
-key (then URL-signed tokens are refused), tokens may carry ``exp``, and only HS256
-is ever accepted on decode.
+key (then URL-signed tokens are refused), tokens may carry ``exp``, only HS256
+is ever accepted on decode, and the model and tenant claims (and a model key's parts)
+must be ids of config/ids.py's character set: they go into backend URLs and keys.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
+
+from config.ids import InvalidId, check_model_id, check_tenant, check_version
 
 ALGORITHM = "HS256"
 MODEL_TOKEN_HEADER = "serve_multiplexed_model_id"
@@ -24,6 +28,24 @@ AFFINE_TOKEN_HEADER = "synapse-model-token"
 
 class TokenError(ValueError):
     """A token that cannot be trusted; the message never includes the token."""
+
+
+class InvalidClaimId(TokenError):
+    """A token or model key naming an id outside config/ids.py's set: a bad request.
+
+    ``code`` is the answer's error code: ``invalid_model_id`` or ``invalid_tenant``.
+    """
+
+    def __init__(self, error: InvalidId) -> None:
+        super().__init__(str(error))
+        self.code = "invalid_tenant" if error.field.startswith("tenant") else "invalid_model_id"
+
+
+def _checked(check: Any, value: Any, field: str) -> str:
+    try:
+        return check(value, field)
+    except InvalidId as e:
+        raise InvalidClaimId(e) from None
 
 
 @dataclass(frozen=True, repr=False)
@@ -47,10 +69,16 @@ def create_serve_multiplexed_model_id(
     signing_key: str | None = None,
     ttl_s: int | None = None,
 ) -> str:
-    """The SDK's token (same claims, HS256, backend URL as key) with optional hardening."""
-    payload: dict[str, object] = {"model": str(model_id), "token": token}
+    """The SDK's token (same claims, HS256, backend URL as key) with optional hardening.
+
+    Raises ``InvalidClaimId`` for a model id or tenant outside config/ids.py's set.
+    """
+    payload: dict[str, object] = {
+        "model": _checked(check_model_id, model_id, "model claim"),
+        "token": token,
+    }
     if tenant:
-        payload["tenant"] = tenant
+        payload["tenant"] = _checked(check_tenant, tenant, "tenant claim")
     if ttl_s:
         payload["exp"] = int(time.time()) + int(ttl_s)
     with warnings.catch_warnings():  # the SDK's key is a URL: short by design
@@ -82,7 +110,10 @@ def decode_model_token(encoded: str, key: str) -> ModelClaims:
     tenant = claims.get("tenant")
     if tenant is not None and not isinstance(tenant, str):
         raise TokenError("model token 'tenant' claim must be a string")
-    return ModelClaims(model=str(model), token=user_token, tenant=tenant)
+    model = _checked(check_model_id, model, "model claim")
+    if tenant:
+        _checked(check_tenant, tenant, "tenant claim")
+    return ModelClaims(model=model, token=user_token, tenant=tenant or None)
 
 
 def looks_like_jwt(value: str) -> bool:
@@ -108,5 +139,7 @@ class ModelKey:
         parts = text.split(":")
         if len(parts) not in (2, 3) or not all(parts):
             raise TokenError(f"model key {text!r} is not 'tenant:model' or 'tenant:model:version'")
-        tenant = None if parts[0] == "-" else parts[0]
-        return cls(tenant=tenant, model=parts[1], version=parts[2] if len(parts) == 3 else None)
+        tenant = None if parts[0] == "-" else _checked(check_tenant, parts[0], "tenant in key")
+        model = _checked(check_model_id, parts[1], "model id in key")
+        version = _checked(check_version, parts[2], "version in key") if len(parts) == 3 else None
+        return cls(tenant=tenant, model=model, version=version)

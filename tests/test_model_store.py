@@ -25,9 +25,10 @@ import pytest
 from config import load_settings
 from examples.classifier.model import write_model_archive
 from serve_runtime import Pending, ServeClient, ServeClientError
+from serve_runtime.backend_client import BackendClient, ModelAccessError
 from serve_runtime.errors import DeferredNotFound
 from serve_runtime.model_dirs import ReplicaDir, sweep
-from serve_runtime.model_store import BackendClient, ModelAccessError, ModelStore
+from serve_runtime.model_store import ModelStore
 from tests.conftest import PROBE_PLUGIN, ROOT, TOKENS, wait_for
 
 ALICE = TOKENS["alice"]

@@ -20,7 +20,6 @@ Only the first is worth trying again. No message carries a token.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -31,15 +30,12 @@ import httpx
 
 from config import Settings, SettingsError, get_settings, redact_text
 from config.errors import BridgeError
-from worker.message import JOB_ID_PATTERN
+from config.ids import InvalidId, check_job_id, check_tenant
 
 FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 # The forward order of a job's status; the final ones share the last rank.
 STATUS_RANK = {"PENDING": 0, "QUEUED": 1, "RUNNING": 2, "SUCCEEDED": 3, "FAILED": 3, "STOPPED": 3}
 
-_JOB_ID = re.compile(JOB_ID_PATTERN)
-# A tenant goes into a header: visible ASCII only (no space, no CR/LF), as tenant codes are.
-_TENANT = re.compile(r"^[\x21-\x7e]{1,100}$")
 # A 2xx answer larger than this is not a job: refused rather than held in memory.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
@@ -89,10 +85,11 @@ def encode_json(body: Any) -> bytes:
 
 
 def job_path(job_id: Any) -> str:
-    """``jobs/{id}/``, for a job id that cannot change the path (no ``/``, ``..``, ``?``)."""
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-        raise BackendInvalidRequest(f"not a job id: {str(job_id)[:80]!r}")
-    return f"jobs/{job_id}/"
+    """``jobs/{id}/``, for a job id that cannot change the path (config/ids.py)."""
+    try:
+        return f"jobs/{check_job_id(job_id)}/"
+    except InvalidId as e:
+        raise BackendInvalidRequest(str(e)) from None
 
 
 # -- the total deadline, enforced at every socket operation
@@ -234,11 +231,10 @@ class BackendAPI:
         what = f"{method} {path.split('?')[0]}"
         headers: dict[str, str] = {}
         if tenant is not None:
-            if not isinstance(tenant, str) or not _TENANT.match(tenant):
-                raise BackendInvalidRequest(
-                    f"{what}: the tenant cannot be sent in a header (visible ASCII, 1-100 chars)"
-                )
-            headers["Synapse-Tenant"] = f"Token {tenant}"
+            try:
+                headers["Synapse-Tenant"] = f"Token {check_tenant(tenant)}"
+            except InvalidId as e:
+                raise BackendInvalidRequest(f"{what}: {e}") from None
         content: bytes | None = None
         if body is not None:
             try:

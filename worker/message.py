@@ -12,7 +12,6 @@ token from an outside producer parses too. ``redacted`` makes the copies people 
 from __future__ import annotations
 
 import json
-import re
 import time
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,10 +22,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from config import prefix_for_release
+from config.ids import JOB_ID_PATTERN, JOB_ID_RE, InvalidId, check_model_id, check_tenant
 from config.logging import SECRET_KEYS, redact_text
 from worker.sealing import Sealer, UnsealError, is_sealed
 from worker.sealing import sealer as default_sealer
@@ -37,8 +38,6 @@ DEAD_LETTER_TASK_NAME = "synapse.inference.dead_letter"
 QUEUE = "inference"
 DLQ = "inference.dlq"
 INVALID_QUEUE = "inference.invalid"
-
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 
 class InvalidJob(ValueError):
@@ -73,7 +72,7 @@ class JobMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     job_id: str = Field(..., pattern=JOB_ID_PATTERN)
-    tenant: str | None = Field(None, min_length=1, max_length=100)
+    tenant: str | None = None
     token: SecretStr = Field(..., min_length=1, max_length=4096)
     model: int | str
     method: Literal["post", "put", "get"] = "post"
@@ -87,12 +86,29 @@ class JobMessage(BaseModel):
     # job was submitted again after its deferred ticket was lost. None: never.
     resubmits: int | None = Field(None, ge=1, le=1000)
 
+    @field_validator("model")
+    @classmethod
+    def _model_id(cls, v: int | str) -> int | str:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("model must be a non-empty id")
+        try:
+            check_model_id(v, "model id")  # it goes into the backend's models/{id}/ URL
+        except InvalidId as e:
+            raise ValueError(e.unquoted()) from None  # validation errors quote no value
+        return v
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_code(cls, v: str | None) -> str | None:
+        try:
+            return None if v is None else check_tenant(v)  # a header and a model key
+        except InvalidId as e:
+            raise ValueError(e.unquoted()) from None
+
     @model_validator(mode="after")
     def _one_payload(self) -> JobMessage:
         if (self.body is None) == (self.items is None):
             raise ValueError("give exactly one of 'json' (a single request) or 'items' (a batch)")
-        if isinstance(self.model, str) and not self.model.strip():
-            raise ValueError("model must be a non-empty id")
         return self
 
     @property
@@ -121,7 +137,7 @@ class JobMessage(BaseModel):
 def readable_job_id(raw: Any) -> str | None:
     """Best effort: the job id of a message that did not validate."""
     job_id = raw.get("job_id") if isinstance(raw, dict) else None
-    if isinstance(job_id, str) and re.match(JOB_ID_PATTERN, job_id):
+    if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id):
         return job_id
     return None
 

@@ -32,8 +32,8 @@ from fastapi import FastAPI
 from ray import serve
 
 import serve_runtime.deployment as runtime_deployment
+from serve_runtime.backend_client import ModelAccessError
 from serve_runtime.deployment import BaseServeDeployment, BatchItem
-from serve_runtime.model_store import ModelAccessError
 
 # This module travels by value (deploy() registers it with cloudpickle): a global it
 # names is pickled with it, and the runtime's ContextVar cannot be. Reach the runtime's
