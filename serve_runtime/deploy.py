@@ -45,6 +45,7 @@ def replica_env(environ: Mapping[str, str]) -> dict[str, str]:
         and not _URL_USERINFO.search(v)
     }
 
+
 # The ticket store's calls are short (dict lookups): many at once, from every replica.
 _TICKET_STORE_CONCURRENCY = 1000
 
