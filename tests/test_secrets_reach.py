@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from config import SettingsError, load_settings
-from serve_runtime.client import ServeClient
+from config import SettingsError, get_settings, load_settings
+from serve_runtime.client import ServeClient, reset_default_client
 from serve_runtime.errors import ServeError
 from tests.conftest import PROBE_PLUGIN, TOKENS
 
@@ -292,9 +292,15 @@ def keys_app(
     monkeypatch.setenv("SYNAPSE_SERVE_SIGNING_KEY", SIGNING_KEY)
     monkeypatch.setenv("SYNAPSE_BRIDGE_SEALING_KEY", SEALING_KEY)
     monkeypatch.setenv("SYNAPSE_SERVE_SIGNING_KEY_FILE", str(key_file))
+    get_settings.cache_clear()
     spec = deploy(PROBE_PLUGIN, app_name=KEYS_APP, route_prefix="/probekeys")
     yield spec
     serve.delete(KEYS_APP)
+    # The keys leave this process's cached settings and client before the next test:
+    # the session's other apps verify with the backend URL, sealing needs a Fernet key.
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    reset_default_client()
 
 
 def test_no_secret_in_serves_reported_config(keys_app: Any, serve_env: dict[str, str]) -> None:
