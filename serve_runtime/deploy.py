@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,7 @@ def build_application(
             "max_models_per_replica": opts.max_models_per_replica,
             "batch_options": opts.batch.model_dump() if opts.batch else None,
             "deferred_deadline_s": opts.deferred_deadline_s,
+            "__init__": _init_with_tickets(cls),
         },
     )
     ingress = serve.ingress(cls.app)(configured)
@@ -155,6 +156,17 @@ def build_application(
         route_prefix=route_prefix or resolve_route_prefix(env, plugin_dir),
         application=application,
     )
+
+
+def _init_with_tickets(cls: type[BaseServeDeployment]) -> Callable[..., None]:
+    """An ``__init__`` taking the ticket store's handle too: the plugin's own
+    ``__init__(self, backend_url)`` (the SDK's signature) runs unchanged after it."""
+
+    def __init__(self: BaseServeDeployment, backend_url: str, tickets: Any) -> None:
+        self._ticket_store = tickets
+        cls.__init__(self, backend_url)
+
+    return __init__
 
 
 def _module_root(plugin_dir: Path, module: str) -> Path | None:

@@ -112,9 +112,12 @@ class BaseServeDeployment(BaseAction):
             app.add_middleware(_CaptureHeaders)
             app.state.synapse_headers = True
 
-    def __init__(self, backend_url: str, tickets: Any = None) -> None:
-        """``tickets``: the application's ``TicketStore`` handle (``deploy()`` binds one);
-        None keeps deferred tickets in this replica only."""
+    # The application's TicketStore handle, set by deploy() before ``__init__`` runs (so
+    # a plugin's own ``__init__(self, backend_url)`` keeps the SDK's signature); None
+    # keeps deferred tickets in this replica only.
+    _ticket_store: Any = None
+
+    def __init__(self, backend_url: str) -> None:
         settings = get_settings()
         configure_logging(settings.log_format, settings.log_level)  # redaction in replicas too
         self.backend_url = backend_url
@@ -135,7 +138,7 @@ class BaseServeDeployment(BaseAction):
             on_change=ModelRouting().publish,
         )
         self._deferred = DeferredResults(
-            self.deferred_deadline_s, keep_s=settings.deferred_keep_s, shared=tickets
+            self.deferred_deadline_s, keep_s=settings.deferred_keep_s, shared=self._ticket_store
         )
         # Serve awaits ``__del__`` at a replica's graceful shutdown. An instance attribute,
         # so that garbage collection never meets a coroutine finaliser.

@@ -134,3 +134,42 @@ def test_deploy_builds_a_plugin_with_its_own_app(tmp_path: Path) -> None:
 
     spec = build_application(plugin, settings=load_settings(synapse_host="http://b.example"))
     assert spec.app_name == "sdk-surface-0.1.0"
+
+
+def test_a_plugin_with_its_own_init_deploys_and_serves(
+    tmp_path: Path, ray_serve: None, serve_env: dict[str, str]
+) -> None:
+    """The SDK's constructor is ``__init__(self, backend_url)``: a plugin overriding it
+    keeps working (the runtime's own wiring, the ticket store, goes around it)."""
+    import httpx
+    from ray import serve
+
+    from serve_runtime.deploy import deploy
+
+    plugin = _plugin(
+        tmp_path,
+        """
+        app = FastAPI()
+
+        class Plugin(BaseServeDeployment):
+            app = app
+
+            def __init__(self, backend_url: str) -> None:
+                super().__init__(backend_url)
+                self.greeting = "hello from __init__"
+
+            async def _get_model(self, model_info: dict[str, Any]) -> Any:
+                return None
+
+            @app.post("/")
+            async def infer(self, body: dict) -> Any:
+                return {"greeting": self.greeting, "tickets": self._ticket_store is not None}
+        """,
+    )
+    spec = deploy(plugin, app_name="sdk-own-init", route_prefix="/sdkowninit")
+    try:
+        r = httpx.post(f"{serve_env['SYNAPSE_SERVE_URL']}/sdkowninit/", json={}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"greeting": "hello from __init__", "tickets": True}
+    finally:
+        serve.delete(spec.app_name)
