@@ -24,10 +24,6 @@ class ModelRouting:
         self._replica_id = context.replica_id if context is not None else None
         self._last: list[str] | None = None
 
-    @property
-    def in_replica(self) -> bool:
-        return self._replica_id is not None
-
     def publish(self, model_keys: list[str]) -> None:
         if self._replica_id is None or model_keys == self._last:
             return

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ class LoadedModel:
     key: str = ""  # the slot it fills
     leases: int = 0  # requests using it right now
     slotted: bool = True  # False once evicted or replaced: it goes when its leases end
-    loaded_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -75,7 +74,6 @@ class StoreStats:
     loads: int = 0
     releases: int = 0
     load_failures: int = 0
-    load_seconds: list[float] = field(default_factory=list)
 
 
 class ModelStore:
@@ -262,7 +260,6 @@ class ModelStore:
         self._slot(key, entry)
         elapsed = time.perf_counter() - started
         self.stats.loads += 1
-        self.stats.load_seconds.append(elapsed)
         log.info(
             "model loaded",
             tenant=ident[0],

@@ -26,15 +26,12 @@ library only.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Iterator, MutableSet
 from typing import Any
 
-import ray
 from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.context import _get_global_client
 
 DEFAULT_MAX_UNMATCHED_MODEL_IDS = 1024
 
@@ -89,32 +86,3 @@ class BoundedRequestRouter(PowerOfTwoChoicesRequestRouter):
         # Ray's lazy clean-up, run now: pops the finished requests at the head of this
         # id's deque and drops the deque once it is empty.
         self._get_pending_request_matching_multiplexed_model_id(pending_request.metadata)
-
-
-def proxy_router_stats(route_prefix: str) -> list[dict[str, Any]]:
-    """What each HTTP proxy's router holds for ``route_prefix``, and the proxy's RSS.
-
-    Read inside the proxies with Ray's ``__ray_call__`` (a DeveloperAPI); Serve's
-    controller names the proxies. For the bench and the tests: routing stays untouched.
-    """
-
-    def read(proxy: Any, route: str) -> dict[str, Any]:  # runs in the proxy: by value
-        rss_kb = 0
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss_kb = int(line.split()[1])
-        matched = proxy.http_proxy.proxy_router.match_route(route)
-        router = None
-        if matched is not None and matched[1]._router is not None:
-            router = matched[1]._router._asyncio_router._request_router
-        return {
-            "pid": os.getpid(),
-            "rss_kb": rss_kb,
-            "router_class": type(router).__name__ if router is not None else None,
-            "fallback_ids": len(router._multiplexed_model_id_fallback_match) if router else 0,
-            "pending_model_ids": len(router._pending_requests_by_model_id) if router else 0,
-        }
-
-    proxies = ray.get(_get_global_client()._controller.get_proxies.remote())
-    return ray.get([p.__ray_call__.remote(read, route_prefix) for p in proxies.values()])

@@ -8,7 +8,6 @@ models per replica), its load/release events in the session's events.jsonl.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 
-from config import load_settings
 from examples.classifier.model import write_model_archive
 from serve_runtime import Pending, ServeClient, ServeClientError
 from serve_runtime.backend_client import BackendClient, ModelAccessError
@@ -30,6 +28,7 @@ from serve_runtime.errors import DeferredNotFound
 from serve_runtime.model_dirs import ReplicaDir, sweep
 from serve_runtime.model_store import ModelStore
 from tests.conftest import PROBE_PLUGIN, ROOT, TOKENS, wait_for
+from tests.test_serve_e2e import client, events, stats
 
 ALICE = TOKENS["alice"]
 
@@ -336,29 +335,11 @@ def test_a_restarted_deployment_sweeps_the_files_of_its_killed_replica(
 # -- end to end, on the probe plugin (two models per replica)
 
 
-def client(**overrides: Any) -> ServeClient:
-    return ServeClient(load_settings(**overrides))
-
-
 def probe_call(app: Any, model: int, body: dict[str, Any] | None = None, **kw: Any) -> Any:
     c = kw.pop("c", None) or client()
     return c.call_and_wait(
         app.route_prefix, body or {"x": 1}, model=model, token=ALICE, tenant="acme", **kw
     )
-
-
-def stats(app_name: str) -> dict[str, Any]:
-    from ray import serve
-
-    handle = serve.get_deployment_handle("ProbeDeployment", app_name)
-    return handle.model_stats.remote().result(timeout_s=30)
-
-
-def events(session_dir: Path) -> list[dict[str, Any]]:
-    path = session_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def resident_models(app_name: str) -> set[str]:

@@ -12,12 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.proxy_memory import proxy_router_stats
 from config import get_settings
-from serve_runtime.routing import (
-    DEFAULT_MAX_UNMATCHED_MODEL_IDS,
-    RecentIds,
-    proxy_router_stats,
-)
+from serve_runtime.routing import DEFAULT_MAX_UNMATCHED_MODEL_IDS, RecentIds
 from serve_runtime.tokens import MODEL_TOKEN_HEADER, create_serve_multiplexed_model_id
 from tests.conftest import TOKENS
 

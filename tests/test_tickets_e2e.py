@@ -7,7 +7,6 @@ like inference and answers only the caller who made the ticket).
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from serve_runtime.deferred import POLL_KEY
 from serve_runtime.errors import DeferredNotFound
 from serve_runtime.tokens import MODEL_TOKEN_HEADER
 from tests.conftest import PROBE_PLUGIN, TOKENS, WorkerProcess, wait_for
+from tests.test_serve_e2e import events
 from worker.ledger import Ledger
 from worker.message import parse_job
 
@@ -34,13 +34,6 @@ PROBE_DEPLOYMENT = "ProbeDeployment"
 
 def client() -> ServeClient:
     return ServeClient(load_settings())
-
-
-def events(session_dir: Path) -> list[dict[str, Any]]:
-    path = session_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def computed(session_dir: Path, count: str) -> int:
