@@ -35,6 +35,10 @@ from config.logging import redact_text
 CONFIG_FILE_ENV = "SYNAPSE_BRIDGE_CONFIG"
 
 
+# The most items one coalesced serve call carries (the replica refuses more).
+MAX_COALESCED_ITEMS = 256
+
+
 class SettingsError(BridgeError, ValueError):
     """A setting is missing or invalid; the message names the variable to fix."""
 
@@ -144,6 +148,12 @@ class Settings(BaseSettings):
     # A deferred job whose ticket is lost (not_found) is submitted again at most this
     # often, then FAILED: lost work is not recomputed without end.
     deferred_resubmits: int = _env("SYNAPSE_BRIDGE_DEFERRED_RESUBMITS", default=3)
+    # Coalescing: the queued single jobs of one model (and caller) go to Serve as one
+    # call of up to this many items (1: every job its own call). A job sent while no
+    # call for its model is in flight goes at once; else it waits up to COALESCE_WAIT
+    # seconds for company (bench W6 plots throughput against latency by wait).
+    coalesce_max_items: int = _env("SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS", default=32)
+    coalesce_wait_s: float = _env("SYNAPSE_BRIDGE_COALESCE_WAIT", default=0.01)
     batch_chunk_size: int = _env("SYNAPSE_BRIDGE_BATCH_CHUNK_SIZE", default=16)
     batch_max_items: int = _env("SYNAPSE_BRIDGE_BATCH_MAX_ITEMS", default=10_000)
     batch_item_failure: Literal["partial", "fail"] = _env(
@@ -221,6 +231,7 @@ class Settings(BaseSettings):
         "retry_cap_s",
         "batch_chunk_size",
         "batch_max_items",
+        "coalesce_max_items",
         "progress_interval_s",
         "outbox_flush_interval_s",
         "intake_interval_s",
@@ -235,6 +246,7 @@ class Settings(BaseSettings):
     @field_validator(
         "running_mark_after_s",
         "model_failure_backoff_s",
+        "coalesce_wait_s",
         "active_models",
         "model_idle_s",
         "model_max_wait_s",
@@ -245,6 +257,15 @@ class Settings(BaseSettings):
     def _not_negative(cls, v: float) -> float:
         if v < 0:
             raise ValueError("must be 0 or more")
+        return v
+
+    @field_validator("coalesce_max_items")
+    @classmethod
+    def _coalesce_bound(cls, v: int) -> int:
+        if v > MAX_COALESCED_ITEMS:
+            raise ValueError(
+                f"must be at most {MAX_COALESCED_ITEMS} (the runtime's bound per call)"
+            )
         return v
 
     @model_validator(mode="after")

@@ -13,6 +13,14 @@ that waits for the chosen model, up to ``max_batch_size``. The model chosen is t
 whose oldest request is oldest, once that request has waited ``batch_wait_timeout_s``
 for company (counted from its arrival); until then, a model whose queue is full may
 go first. Under load the models take turns, oldest first, and none starves.
+
+A coalesced call (``serve_runtime.coalesced``: many jobs' items in one HTTP request)
+announces its items as ``Arrivals``: while some of them are still on their way (being
+authorized, say), a batch waits for them, so the call's items run as one batch. The
+wait ends when they are all here, or when none has arrived for ``GATHER_S``.
+
+A batch whose function raises is run again one item at a time, so one bad item fails
+only its own request, never the others that shared its batch.
 """
 
 from __future__ import annotations
@@ -28,6 +36,29 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 RunBatch = Callable[[list[T]], Awaitable[list[Any]]]
+
+
+GATHER_S = 0.02  # how long a batch waits for an announced item that makes no progress
+
+
+class Arrivals:
+    """The items of one coalesced call not yet queued: ``arrived()`` once per item
+    (queued, or finished without reaching the batcher)."""
+
+    def __init__(self, count: int) -> None:
+        self.pending = count
+        self.progress_at = time.monotonic()
+        self._wakers: list[Callable[[], None]] = []
+
+    def arrived(self) -> None:
+        self.pending -= 1
+        self.progress_at = time.monotonic()
+        for wake in self._wakers:
+            wake()
+
+    def gathering_until(self) -> float | None:
+        """Until when a batch should wait for this call's other items; None: don't."""
+        return self.progress_at + GATHER_S if self.pending > 0 else None
 
 
 @dataclass
@@ -60,14 +91,22 @@ class DeviceBatcher(Generic[T]):
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._gathering: set[Arrivals] = set()
         self.batch_sizes: dict[int, int] = {}  # size -> batches run, for metrics
 
-    async def submit(self, key: Hashable, item: T) -> Any:
-        """Queue ``item`` with the other requests for ``key``; its result when run."""
+    async def submit(self, key: Hashable, item: T, arrivals: Arrivals | None = None) -> Any:
+        """Queue ``item`` with the other requests for ``key``; its result when run.
+
+        ``arrivals``: the coalesced call ``item`` belongs to (``arrived()`` is the
+        caller's to say, once, when its item is queued or will never be).
+        """
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(key, deque()).append(_Waiting(item, future))
+        if arrivals is not None and arrivals not in self._gathering:
+            self._gathering.add(arrivals)
+            arrivals._wakers.append(self._arrived.set)
         self._arrived.set()
         return await future  # a cancelled caller cancels its future: skipped at take
 
@@ -92,8 +131,10 @@ class DeviceBatcher(Generic[T]):
                 await self._arrived.wait()
                 continue
             key, deadline = self._choose()
+            full = len(self._queues[key]) >= self.max_batch_size
+            deadline = max(deadline, self._gathering_until())
             wait_s = deadline - time.monotonic()
-            if wait_s <= 0 or len(self._queues[key]) >= self.max_batch_size:
+            if wait_s <= 0 or full:
                 return self._pop(key)
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
@@ -114,6 +155,17 @@ class DeviceBatcher(Generic[T]):
                 key = min(full, key=lambda k: self._queues[k][0].since)
                 return key, self._queues[key][0].since
         return oldest, deadline
+
+    def _gathering_until(self) -> float:
+        """Until when announced items of coalesced calls are worth waiting for."""
+        until = 0.0
+        for arrivals in list(self._gathering):
+            at = arrivals.gathering_until()
+            if at is None:
+                self._gathering.discard(arrivals)
+            else:
+                until = max(until, at)
+        return until
 
     def _drop_cancelled(self) -> None:
         for key in list(self._queues):
@@ -140,19 +192,34 @@ class DeviceBatcher(Generic[T]):
                 return
             self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
             try:
-                results = await self._run([w.item for w in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"the batch function returned {len(results)} results "
-                        f"for {len(batch)} requests"
-                    )
-            except Exception as e:  # every caller of the batch gets the error
+                results = await self._run_checked(batch)
+            except Exception as e:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(e)
+                    return
+                # Which item broke it? Each alone: the others get their results.
                 for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(e)
+                    if w.future.done():
+                        continue
+                    try:
+                        result = (await self._run_checked([w]))[0]
+                    except Exception as item_error:
+                        w.future.set_exception(item_error)
+                    else:
+                        if not w.future.done():
+                            w.future.set_result(result)
                 return
             for w, result in zip(batch, results, strict=True):
                 if not w.future.done():
                     w.future.set_result(result)
         finally:
             self._slots.release()
+
+    async def _run_checked(self, batch: list[_Waiting[T]]) -> list[Any]:
+        results = await self._run([w.item for w in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(
+                f"the batch function returned {len(results)} results for {len(batch)} requests"
+            )
+        return results

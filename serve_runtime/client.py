@@ -15,6 +15,7 @@ import httpx
 
 from config import Settings, get_settings
 from config.errors import DeadlineExceeded
+from serve_runtime.coalesced import ITEMS_HEADER, encode_items
 from serve_runtime.deferred import POLL_KEY, Pending, is_envelope
 from serve_runtime.errors import (
     TRANSIENT_STATUS,
@@ -22,6 +23,7 @@ from serve_runtime.errors import (
     DeferredNotFound,
     ServeClientError,
     ServeConnectionError,
+    ServeError,
     ServeRouteNotFound,
     ServeServerError,
     ServeTimeout,
@@ -109,6 +111,33 @@ class ServeClient:
         )
         return self._request(method, route_prefix, body, headers, deadline)
 
+    def infer_many(
+        self,
+        route_prefix: str,
+        bodies: list[Any],
+        *,
+        model: int | str,
+        token: str,
+        tenant: str | None = None,
+        version: str | None = None,
+        backend_url: str | None = None,
+        deadline: float | None = None,
+    ) -> list[Any]:
+        """One coalesced call (``serve_runtime.coalesced``) for one caller and model.
+
+        Returns, per body and in order, its result, ``Pending`` or the ``ServeError``
+        it met; raises a ``ServeError`` when the call as a whole failed.
+        """
+        headers = self.model_headers(
+            model=model, token=token, tenant=tenant, version=version, backend_url=backend_url
+        )
+        headers[ITEMS_HEADER] = str(len(bodies))
+        headers["content-type"] = "application/json"
+        data = self._request(
+            "post", route_prefix, None, headers, deadline, content=encode_items(bodies)
+        )
+        return parse_items(data, len(bodies), route_prefix)
+
     def poll(
         self,
         route_prefix: str,
@@ -172,9 +201,10 @@ class ServeClient:
         body: Any,
         headers: dict[str, str],
         deadline: float | None = None,
+        content: bytes | None = None,
     ) -> Any:
         url = f"{self.base_url}{route_prefix.rstrip('/')}/"
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"content": content} if content is not None else {"json": body}
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -187,7 +217,7 @@ class ServeClient:
                 pool=min(s.serve_connect_timeout_s, left),
             )
         try:
-            response = self._http.request(method.upper(), url, json=body, headers=headers, **extra)
+            response = self._http.request(method.upper(), url, headers=headers, **extra)
         except httpx.TimeoutException as e:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(
@@ -202,30 +232,39 @@ class ServeClient:
         return parse_response(response, route_prefix)
 
 
-def _error_detail(response: httpx.Response) -> tuple[str, dict[str, Any] | None]:
+_NOT_JSON = object()
+
+
+def _error_detail(status: int, data: Any, text: str) -> tuple[str, dict[str, Any] | None]:
     """Our runtime answers errors as {"detail": {"message", "code", "transient"}}."""
-    try:
-        data = response.json()
-    except ValueError:
-        return response.text[:300], None
+    if data is _NOT_JSON:
+        return text[:300], None
     detail = data.get("detail") if isinstance(data, dict) else None
     if isinstance(detail, dict) and "code" in detail:
         return str(detail.get("message", "")), detail
-    return (str(detail) if detail is not None else response.text[:300]), None
+    return (str(detail) if detail is not None else text[:300]), None
 
 
 def parse_response(response: httpx.Response, route_prefix: str) -> Any:
     """Turn a response into a result, ``Pending``, or the right ``ServeError``."""
-    status = response.status_code
+    try:
+        data = response.json()
+    except ValueError:
+        data = _NOT_JSON
+    return parse_answer(response.status_code, data, route_prefix, text=response.text)
+
+
+def parse_answer(status: int, data: Any, route_prefix: str, *, text: str = "") -> Any:
+    """One answer (a call's, or one item's of a coalesced call): the result,
+    ``Pending``, or raises the right ``ServeError``. ``data`` is the decoded JSON, or
+    ``_NOT_JSON`` with the raw ``text``."""
     if status < 400:
-        try:
-            data = response.json()
-        except ValueError:
+        if data is _NOT_JSON:
             raise ServeServerError(
                 f"{route_prefix}: the endpoint answered {status} with a body that is not JSON",
                 status_code=status,
                 code="invalid_json",
-            ) from None
+            )
         if is_envelope(data):
             state, ticket = data.get("status"), data.get("ticket")
             if state == "pending" and isinstance(ticket, str):
@@ -246,7 +285,7 @@ def parse_response(response: httpx.Response, route_prefix: str) -> Any:
                 code="invalid_envelope",
             )
         return data
-    message, ours = _error_detail(response)
+    message, ours = _error_detail(status, data, text)
     text = f"{route_prefix}: {status} {message}".strip()
     code = ours.get("code") if ours else None
     if ours is not None:
@@ -262,6 +301,32 @@ def parse_response(response: httpx.Response, route_prefix: str) -> Any:
     if status < 500:
         raise ServeClientError(text, status_code=status)
     raise ServeServerError(text, status_code=status)
+
+
+def parse_items(data: Any, count: int, route_prefix: str) -> list[Any]:
+    """A coalesced call's answer: per item, its result, ``Pending`` or ``ServeError``
+    (returned, not raised: one item's error is that item's alone)."""
+    items = data.get("items") if isinstance(data, dict) else None
+    if not isinstance(items, list) or len(items) != count:
+        raise ServeServerError(
+            f"{route_prefix}: a coalesced call of {count} items was answered with "
+            f"{len(items) if isinstance(items, list) else 'no'} items",
+            code="invalid_items_answer",
+        )
+    out: list[Any] = []
+    for item in items:
+        try:
+            if not isinstance(item, dict) or not isinstance(item.get("status"), int):
+                raise ServeServerError(
+                    f"{route_prefix}: malformed item in a coalesced answer",
+                    code="invalid_items_answer",
+                )
+            body = item.get("body")
+            raw = body if isinstance(body, str) else ""
+            out.append(parse_answer(item["status"], body, route_prefix, text=raw))
+        except ServeError as e:
+            out.append(e)
+    return out
 
 
 _default: ServeClient | None = None

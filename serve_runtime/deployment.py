@@ -12,6 +12,8 @@ What changes underneath:
   follow their model.
 * Every request is authorized for its model against the backend with the caller's
   own token (cached briefly), before any shared copy serves it.
+* A coalesced call (``serve_runtime.coalesced``: many jobs' items in one request)
+  runs each item through the plugin's endpoint, and its items as one device batch.
 * Two routing modes: compatible (the header is the SDK's JWT) and model-affine (the
   header is ``tenant:model[:version]`` and the JWT rides in ``synapse-model-token``).
 """
@@ -35,6 +37,7 @@ from config import configure_logging, get_settings
 from serve_runtime.action import BaseAction
 from serve_runtime.backend_client import BackendClient, ModelAccessError
 from serve_runtime.batcher import DeviceBatcher
+from serve_runtime.coalesced import CoalescedCalls, arrivals_for_batcher
 from serve_runtime.deferred import DeferredResults
 from serve_runtime.model_dirs import ReplicaDir
 from serve_runtime.model_routing import ModelRouting
@@ -110,6 +113,7 @@ class BaseServeDeployment(BaseAction):
         app = cls.__dict__.get("app")
         if isinstance(app, FastAPI) and not getattr(app.state, "synapse_headers", False):
             app.add_middleware(_CaptureHeaders)
+            app.add_middleware(CoalescedCalls)  # outermost: each item is a request of its own
             app.state.synapse_headers = True
 
     # The application's TicketStore handle, set by deploy() before ``__init__`` runs (so
@@ -203,7 +207,8 @@ class BaseServeDeployment(BaseAction):
             item = BatchItem(model=entry.model, body=body, model_info=entry.info)
             if self._batcher is None:
                 return (await self._checked_batch([item]))[0]
-            return await self._batcher.submit(id(entry), item)  # one batch, one copy
+            # One batch, one copy; a coalesced call's items run as one batch.
+            return await self._batcher.submit(id(entry), item, arrivals_for_batcher())
         finally:
             self._store.checkin(entry)
 
@@ -288,6 +293,7 @@ class BaseServeDeployment(BaseAction):
             "releases": s.releases,
             "load_failures": s.load_failures,
             "slots": self._store.slot_keys,
+            "batch_sizes": dict(self._batcher.batch_sizes) if self._batcher else {},
             "dir": str(self._dir.path),
             "resident": [
                 {

@@ -8,6 +8,7 @@ the job's time limit fails it.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import structlog
 
@@ -17,6 +18,7 @@ from serve_runtime.client import ServeClient
 from serve_runtime.deferred import Pending
 from serve_runtime.errors import DeferredNotFound, ServeError
 from worker import metrics
+from worker.coalesce import Coalescer
 from worker.pipeline import (
     Deferred,
     Job,
@@ -63,19 +65,22 @@ def ticket_lost(job: Job, bound: int, waited: float) -> Outcome:
     return Requeued("deferred ticket lost; submitting the job again", resubmit=True)
 
 
-def execute_single(serve: ServeClient, job: Job) -> Outcome:
+def execute_single(serve: ServeClient, coalescer: Coalescer, job: Job) -> Outcome:
+    """One job's call: shared with the lane's other queued jobs (``worker.coalesce``)
+    when it is a POST, the only method a coalesced call carries."""
     msg = job.msg
     t0 = time.perf_counter()
+    call: dict[str, Any] = {
+        "model": msg.model,
+        "token": msg.token.get_secret_value(),
+        "tenant": msg.tenant,
+        "deadline": job.deadline,
+    }
     try:
-        out = serve.infer(
-            msg.release.route_prefix,
-            msg.body,
-            model=msg.model,
-            token=msg.token.get_secret_value(),
-            tenant=msg.tenant,
-            method=msg.method,
-            deadline=job.deadline,
-        )
+        if msg.method == "post":
+            out = coalescer.infer(msg.release.route_prefix, msg.body, **call)
+        else:
+            out = serve.infer(msg.release.route_prefix, msg.body, method=msg.method, **call)
     except DeadlineExceeded:
         return time_limit_failure(job)
     except ServeError as e:

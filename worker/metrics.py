@@ -38,6 +38,11 @@ JOB_LATENCY = Histogram(
 INFERENCE_LATENCY = Histogram(
     "synapse_inference_latency_seconds", "One serve call (infer_remote)", buckets=_BUCKETS
 )
+COALESCED_ITEMS = Histogram(
+    "synapse_coalesced_call_items",
+    "Jobs carried by one serve call (worker.coalesce)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 BATCH_ITEMS = Counter("synapse_batch_items_total", "Batch items run, by outcome", ["outcome"])
 
 

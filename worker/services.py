@@ -17,6 +17,7 @@ from config import Settings, get_settings
 from serve_runtime.client import ServeClient
 from worker.admission import ModelAdmission
 from worker.backend_api import BackendAPI
+from worker.coalesce import Coalescer
 from worker.ledger import Ledger
 from worker.redis_conn import connect_redis
 from worker.retry import RetryPolicy
@@ -30,6 +31,7 @@ class Services:
     redis: redis.Redis
     backend: BackendAPI
     serve: ServeClient
+    coalescer: Coalescer
     writeback: WriteBack
     ledger: Ledger
     marks: RunningMarks
@@ -51,11 +53,13 @@ class Services:
                 idle_s=s.model_idle_s,
                 max_wait_s=s.model_max_wait_s,
             )
+        serve = ServeClient(s)
         return cls(
             settings=s,
             redis=r,
             backend=backend,
-            serve=ServeClient(s),
+            serve=serve,
+            coalescer=Coalescer(serve, max_items=s.coalesce_max_items, wait_s=s.coalesce_wait_s),
             writeback=WriteBack(backend, r, s),
             ledger=Ledger(r, grace_s=float(s.visibility_timeout_s)),
             marks=RunningMarks(s.running_mark_after_s),

@@ -96,7 +96,7 @@ def _handle(
         elif job.msg.is_batch:
             execute = batch.execute
         else:
-            execute = lambda j: execute_single(svc.serve, j)  # noqa: E731
+            execute = lambda j: execute_single(svc.serve, svc.coalescer, j)  # noqa: E731
         outcome = process(job, _steps(svc, job), execute)
         status = settler.settle(task, job, outcome, raw)
         return {"job_id": job.job_id, "status": status}

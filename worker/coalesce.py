@@ -1,0 +1,184 @@
+"""Coalescing: the queued single jobs of one model go to Serve as one call.
+
+Every job is still its own Celery task with its own steps, settle, retries and ack
+(``worker.tasks``); only its serve call is shared. A task thread that reaches its
+call joins the open group of its *lane* (route, caller, model) and waits for its own
+item's answer:
+
+* the first job of a group leads it: when no call of its lane is in flight it sends
+  the group at once (a lone job at idle waits for nothing); otherwise it waits up to
+  ``SYNAPSE_BRIDGE_COALESCE_WAIT`` for company, or until the group holds
+  ``SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS`` items, or until the lane's calls are all
+  answered, then sends it;
+* a group of one is sent as today's single body; larger ones as one coalesced call
+  (``serve_runtime.coalesced``);
+* each item's answer is its own: one item's error (bad input, say) fails only its
+  job; a call that fails as a whole gives each job that error, classified as usual
+  (transient: each job retries on its own).
+
+A lane is keyed by the caller's token too: a call is authorized as one caller.
+A group's call lasts until its latest job's deadline; a job whose own deadline comes
+first stops waiting then (its time limit), except the leader, who sends the call and
+waits for it.
+
+Nothing is kept across calls, so a worker killed mid-group loses nothing: each job's
+message is unacked and delivered again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from config.errors import DeadlineExceeded
+from serve_runtime.client import ServeClient
+from serve_runtime.errors import ServeConnectionError, ServeError
+from worker import metrics
+
+
+@dataclass(frozen=True)
+class Lane:
+    """Jobs that may share a call: one route, one caller, one model."""
+
+    route_prefix: str
+    tenant: str | None
+    model: int | str
+    token_sha: str  # the token itself is kept in the group, never in a key
+
+
+@dataclass
+class _Item:
+    body: Any
+    deadline: float | None
+    answer: Future[Any] = field(default_factory=Future)
+
+
+@dataclass
+class _Group:
+    token: str
+    items: list[_Item] = field(default_factory=list)
+    closed: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _LaneState:
+    open: _Group | None = None
+    in_flight: int = 0  # groups closed and not yet answered
+
+
+class Coalescer:
+    """Shares serve calls between the task threads of one worker process."""
+
+    def __init__(self, serve: ServeClient, *, max_items: int, wait_s: float) -> None:
+        self.serve = serve
+        self.max_items = max_items
+        self.wait_s = wait_s
+        self._lanes: dict[Lane, _LaneState] = {}
+        self._lock = threading.Lock()
+
+    def infer(
+        self,
+        route_prefix: str,
+        body: Any,
+        *,
+        model: int | str,
+        token: str,
+        tenant: str | None,
+        deadline: float | None = None,
+    ) -> Any:
+        """As ``ServeClient.infer`` (a POST): the result or ``Pending``; raises a
+        ``ServeError`` or ``DeadlineExceeded``."""
+        if self.max_items <= 1:
+            return self.serve.infer(
+                route_prefix, body, model=model, token=token, tenant=tenant, deadline=deadline
+            )
+        lane = Lane(route_prefix, tenant, model, hashlib.sha256(token.encode()).hexdigest())
+        item = _Item(body, deadline)
+        with self._lock:
+            state = self._lanes.setdefault(lane, _LaneState())
+            group = state.open
+            leader = group is None
+            if group is None:
+                group = state.open = _Group(token)
+            group.items.append(item)
+            if len(group.items) >= self.max_items or (leader and state.in_flight == 0):
+                self._close(state, group)
+        if leader:
+            self._lead(lane, group)
+        return self._answer(item)
+
+    def _close(self, state: _LaneState, group: _Group) -> None:
+        """No job joins ``group`` any more; it counts as in flight from here (the lock
+        is held), so a job arriving now waits for company instead of going alone."""
+        if group.closed.is_set():
+            return
+        if state.open is group:
+            state.open = None
+        group.closed.set()
+        state.in_flight += 1
+
+    def _lead(self, lane: Lane, group: _Group) -> None:
+        """Wait for company while the lane is busy, then send the group."""
+        group.closed.wait(self.wait_s)
+        with self._lock:
+            state = self._lanes[lane]
+            self._close(state, group)
+        try:
+            self._send(lane, group)
+        finally:
+            with self._lock:
+                state.in_flight -= 1
+                if state.in_flight == 0:
+                    if state.open is None:
+                        del self._lanes[lane]
+                    else:  # the lane is idle now: the waiting group need wait no longer
+                        self._close(state, state.open)
+            for item in group.items:  # whatever happened, no job waits for ever
+                if not item.answer.done():
+                    item.answer.set_exception(
+                        ServeConnectionError(
+                            f"{lane.route_prefix}: coalesced call ended unanswered"
+                        )
+                    )
+
+    def _send(self, lane: Lane, group: _Group) -> None:
+        items = group.items
+        metrics.COALESCED_ITEMS.observe(len(items))
+        deadlines = [i.deadline for i in items]
+        deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
+        kw: dict[str, Any] = {
+            "model": lane.model,
+            "token": group.token,
+            "tenant": lane.tenant,
+            "deadline": deadline,
+        }
+        try:
+            if len(items) == 1:
+                answers = [self.serve.infer(lane.route_prefix, items[0].body, **kw)]
+            else:
+                answers = self.serve.infer_many(lane.route_prefix, [i.body for i in items], **kw)
+        except (ServeError, DeadlineExceeded) as e:
+            answers = [e] * len(items)
+        for item, answer in zip(items, answers, strict=True):
+            if isinstance(answer, BaseException):
+                item.answer.set_exception(answer)
+            else:
+                item.answer.set_result(answer)
+
+    @staticmethod
+    def _answer(item: _Item) -> Any:
+        timeout = None if item.deadline is None else max(0.0, item.deadline - time.monotonic())
+        try:
+            return item.answer.result(timeout=timeout)
+        except FutureTimeout:
+            raise DeadlineExceeded(
+                "no answer to the coalesced call before the time limit"
+            ) from None
+
+
+__all__ = ["Coalescer", "Lane"]
