@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from tests.conftest import ROOT, TOKENS
 
@@ -201,6 +204,16 @@ def wait_fraction_final(admin: Any, jobs: list[Job], fraction: float, timeout: f
         if time.monotonic() > deadline:
             raise AssertionError(f"only {c.succeeded + c.failed} of {len(jobs)} final")
         time.sleep(0.2)
+
+
+def coalesced_calls(metrics_port: int) -> dict[str, float]:
+    """A worker's serve calls and the jobs they carried (``synapse_coalesced_call_items``)."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    out = {}
+    for part in ("count", "sum"):
+        m = re.search(rf"^synapse_coalesced_call_items_{part} ([0-9.e+]+)$", text, re.M)
+        out[part] = float(m.group(1)) if m else 0.0
+    return {"serve_calls": out["count"], "jobs_in_calls": out["sum"]}
 
 
 def record(

@@ -7,7 +7,6 @@ model and caller, and every job is still written once.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.fault_kit import (
     ROWS,
     Job,
     Producer,
+    coalesced_calls,
     count,
     make_jobs,
     wait_all_final,
@@ -136,12 +136,6 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.close()
 
 
-def scrape(port: int, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_queued_jobs_share_calls_and_each_is_written_once(
     admin: Any, worker_env: dict[str, str], example_app: Any, own_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -167,8 +161,8 @@ def test_queued_jobs_share_calls_and_each_is_written_once(
         worker.start()
         counts = wait_all_final(admin, jobs, timeout=300)
         wait_for(lambda: admin.job(bad_id)["status"] == "FAILED", timeout=60, what="bad job")
-        calls = scrape(port, "synapse_coalesced_call_items_count")
-        items = scrape(port, "synapse_coalesced_call_items_sum")
+        seen = coalesced_calls(port)
+        calls, items = seen["serve_calls"], seen["jobs_in_calls"]
     finally:
         worker.stop()
         producer.close()

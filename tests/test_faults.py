@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 
 from devtools.redis_server import RedisServer
+from local_backend.server import free_port
 from tests.conftest import EXAMPLE_PLUGIN, WorkerProcess, wait_for
 from tests.fault_kit import (
     FAULT_WORKER_ENV,
     Counts,
     Producer,
     check_results,
+    coalesced_calls,
     make_jobs,
     record,
     wait_all_final,
@@ -70,13 +72,20 @@ def test_r1_worker_killed_mid_run(
     fresh_redis: RedisServer,
     tmp_path: Path,
 ) -> None:
-    worker = start_workers(worker_env, fresh_redis.url, tmp_path / "worker-1.log")
+    port = free_port("127.0.0.1")
+    worker = start_workers(
+        worker_env,
+        fresh_redis.url,
+        tmp_path / "worker-1.log",
+        SYNAPSE_BRIDGE_METRICS_PORT=str(port),
+    )
     jobs = make_jobs(admin, N, tag="r1")
     started = time.monotonic()
     producer = Producer(fresh_redis.url, fresh_redis.url)
     producer.send(jobs)
     try:
         wait_fraction_final(admin, jobs, 0.3, timeout=600)
+        calls = coalesced_calls(port)  # jobs share serve calls: the kill lands mid-group
         worker.kill()  # SIGKILL: no goodbye, unacked messages stay with the broker
         worker = start_workers(worker_env, fresh_redis.url, tmp_path / "worker-2.log")
         counts = wait_all_final(admin, jobs, timeout=900)
@@ -86,13 +95,16 @@ def test_r1_worker_killed_mid_run(
     record(
         "R1 worker killed",
         load=f"{N} jobs, 16 threads",
-        faults="SIGKILL of the worker at 30% done, then a new worker",
+        faults="SIGKILL of the worker at 30% done (coalescing on), then a new worker",
         counts=counts,
         elapsed_s=time.monotonic() - started,
         rests_on="acks_late + reject_on_worker_lost + visibility timeout (redelivery); "
-        "done-marker and outbox in Redis, backend status check (no 2nd write)",
+        "done-marker and outbox in Redis, backend status check (no 2nd write); "
+        "a coalesced call shares only the serve call, each job keeps its own ack",
+        extra=calls,
     )
     assert_exactly_once(admin, jobs, counts)
+    assert calls["jobs_in_calls"] > calls["serve_calls"], calls  # groups were in flight
 
 
 def test_r2_serving_outage(
@@ -282,7 +294,14 @@ def test_load_burst_of_10000_jobs(
     tmp_path: Path,
 ) -> None:
     n = 10_000
-    worker = start_workers(worker_env, fresh_redis.url, tmp_path / "worker.log", concurrency=16)
+    port = free_port("127.0.0.1")
+    worker = start_workers(
+        worker_env,
+        fresh_redis.url,
+        tmp_path / "worker.log",
+        concurrency=16,
+        SYNAPSE_BRIDGE_METRICS_PORT=str(port),
+    )
     jobs = make_jobs(admin, n, tag="load")
     started = time.monotonic()
     producer = Producer(fresh_redis.url, fresh_redis.url)
@@ -299,6 +318,7 @@ def test_load_burst_of_10000_jobs(
         counts = wait_for(
             sample_and_check, timeout=1500, interval=2, what="the 10,000-job burst drained"
         )
+        calls = coalesced_calls(port)
     finally:
         worker.stop()
     peak_mb = max(samples) / 1024
@@ -316,6 +336,7 @@ def test_load_burst_of_10000_jobs(
             "worker_rss_peak_mb": round(peak_mb, 1),
             "worker_rss_after_warmup_mb": round(warm, 1),
             "worker_rss_final_mb": round(final, 1),
+            **calls,
         },
     )
     assert_exactly_once(admin, jobs, counts)
