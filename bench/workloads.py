@@ -933,13 +933,14 @@ def w5(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
 # --- W6 -----------------------------------------------------------------------------------
 
 
-# (label, SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS, SYNAPSE_BRIDGE_COALESCE_WAIT); None = the peer.
-CURVE_SYSTEMS: list[tuple[str, int | None, float | None]] = [
-    ("peer", None, None),
-    ("bridge (coalescing off)", 1, None),
-    ("bridge (wait 2 ms)", 32, 0.002),
-    ("bridge (wait 10 ms)", 32, 0.01),
-    ("bridge (wait 50 ms)", 32, 0.05),
+# (job id tag, label, SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS, SYNAPSE_BRIDGE_COALESCE_WAIT);
+# max items None = the peer.
+CURVE_SYSTEMS: list[tuple[str, str, int | None, float | None]] = [
+    ("peer", "peer", None, None),
+    ("bridge-off", "bridge (coalescing off)", 1, None),
+    ("bridge-wait2ms", "bridge (wait 2 ms)", 32, 0.002),
+    ("bridge-wait10ms", "bridge (wait 10 ms)", 32, 0.01),
+    ("bridge-wait50ms", "bridge (wait 50 ms)", 32, 0.05),
 ]
 
 
@@ -979,6 +980,7 @@ def _curve_point(
 def _curve_system(
     ctx: Ctx,
     system: BridgeSystem | PeerSystem,
+    prefix: str,
     label: str,
     plan: CurvePlan,
     pop: Population,
@@ -986,7 +988,6 @@ def _curve_system(
     accel_now: Callable[[], dict[str, Any]],
 ) -> dict[str, Any]:
     """Every rate of the plan through one started system; records read once at the end."""
-    prefix = f"W6-{system.tag}"
     phases: list[dict[str, Any]] = []
     with queued_system(ctx, system, _warm(prefix, pop, accel_body), release, tag=prefix) as url:
         for rate in plan.rates:
@@ -1046,20 +1047,19 @@ def w6(ctx: Ctx, n: int, concurrency: int, plan: CurvePlan = CURVE_FULL) -> dict
     _, options, accel_now = _deploy_accel(ctx, pop, concurrency)
     mode = "model_affine"
     systems = []
-    for label, max_items, wait_s in CURVE_SYSTEMS:
-        tag = label.replace(" ", "").replace("(", "-").replace(")", "")
+    for tag, label, max_items, wait_s in CURVE_SYSTEMS:
         system: BridgeSystem | PeerSystem
         if max_items is None:
             system = PeerSystem(ctx, tag, concurrency=concurrency, routing_mode=mode)
         else:
             system = BridgeSystem(
                 ctx,
-                tag,
+                tag.removeprefix("bridge-"),  # its workdir: bridge-<tag>
                 concurrency=concurrency,
                 routing_mode=mode,
                 extra_env=_coalesce_env(max_items, wait_s),
             )
-        fig = _curve_system(ctx, system, label, plan, pop, release, accel_now)
+        fig = _curve_system(ctx, system, f"W6-{tag}", label, plan, pop, release, accel_now)
         fig["coalesce"] = {"max_items": max_items, "wait_s": wait_s}
         systems.append(fig)
     return {
