@@ -1093,6 +1093,9 @@ def w6(ctx: Ctx, n: int, concurrency: int, plan: CurvePlan = CURVE_FULL) -> dict
             "(seconds a group waits for company while a call for its model is in flight). "
             "A worker without coalescing ignores both: its bridge lines then measure the "
             "same thing.",
+            "Machine busy near 100% at a point: the CPU (all processes share this "
+            "machine), not the accelerator, set its pace; such a point says little about "
+            "the coalescing wait.",
         ],
     }
 
