@@ -1,7 +1,8 @@
 """``python -m bench``: run the workloads, write their results, regenerate the report.
 
-    python -m bench run [--workload W1|W2|W3|W4|W5|all] [--quick] [--jobs N]
+    python -m bench run [--workload W1|W2|W3|W4|W5|W6|all] [--quick] [--jobs N]
                         [--concurrency N] [--profile] [--results-dir D] [--out-dir D]
+                        [--rates R1,R2,... --duration S]   (W6: offered jobs/s, seconds each)
     python -m bench report [--results-dir D] [--out-dir D]
 
 ``run`` writes ``<results-dir>/<W>.json`` per workload (default ``bench/results``), then
@@ -14,6 +15,7 @@ servers), one after the other.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -28,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 DEFAULT_OUT = ROOT / "bench"
-ORDER = ["W1", "W2", "W3", "W4", "W5"]
+ORDER = ["W1", "W2", "W3", "W4", "W5", "W6"]
 
 
 def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -50,7 +52,8 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
     from bench.workloads import RUNNERS, WORKLOADS
 
     w = WORKLOADS[key]
-    jobs = args.jobs or (w.quick_jobs if args.quick else w.full_jobs)
+    jobs, plan = sizes(key, args)
+    runner = RUNNERS[key] if plan is None else functools.partial(RUNNERS[key], plan=plan)
     concurrency = args.concurrency or w.concurrency
     results.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -64,6 +67,7 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
         "concurrency": concurrency,
         "profile": bool(args.profile),
         "command": command,
+        **({} if plan is None else {"rates": list(plan.rates), "duration_s": plan.duration_s}),
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "machine": harness.machine_info(),
         "versions": harness.all_versions(),
@@ -74,7 +78,7 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
         workdir = (keep / key) if keep else Path(tmp)
         try:
             with harness.bench_stack(key, workdir, results, profile=args.profile) as ctx:
-                result.update(RUNNERS[key](ctx, jobs, concurrency))
+                result.update(runner(ctx, jobs, concurrency))
                 result["stack"] = ctx.timings
             result["targets"].append(all_succeeded(result["systems"]))
         except Exception as e:
@@ -86,6 +90,18 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     harness.log(f"{key} done in {result['wall_s']:.0f}s -> {path}")
     return result
+
+
+def sizes(key: str, args: argparse.Namespace) -> tuple[int, Any]:
+    """Jobs per system, and W6's plan of rates (None for the others): W6 is sized by
+    ``--rates``/``--duration``, not ``--jobs``."""
+    from bench.workloads import WORKLOADS, curve_plan
+
+    w = WORKLOADS[key]
+    if key != "W6":
+        return args.jobs or (w.quick_jobs if args.quick else w.full_jobs), None
+    plan = curve_plan(args.quick, args.rates, args.duration)
+    return plan.jobs, plan
 
 
 def all_succeeded(systems: list[dict[str, Any]]) -> dict[str, Any]:
@@ -110,10 +126,16 @@ def print_plan(keys: list[str], args: argparse.Namespace) -> None:
     print("plan:", flush=True)
     for key in keys:
         w = WORKLOADS[key]
-        jobs = args.jobs or (w.quick_jobs if args.quick else w.full_jobs)
+        jobs, plan = sizes(key, args)
         quick = " (QUICK)" if jobs < w.full_jobs else ""
+        rates = (
+            ""
+            if plan is None
+            else f" (rates {', '.join(f'{r:g}' for r in plan.rates)} jobs/s, "
+            f"{plan.duration_s:g} s each)"
+        )
         print(
-            f"  {key} {w.title}: {jobs} jobs{quick} x {SYSTEMS[key]}, "
+            f"  {key} {w.title}: {jobs} jobs{quick}{rates} x {SYSTEMS[key]}, "
             f"{args.concurrency or w.concurrency} in flight",
             flush=True,
         )
@@ -138,6 +160,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                 ("--jobs", args.jobs),
                 ("--concurrency", args.concurrency),
                 ("--workdir", args.workdir),
+                ("--rates", args.rates),
+                ("--duration", args.duration),
             ):
                 if value:
                     sub += [flag, str(value)]
@@ -189,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         action="store_true",
         help="run the bridge worker under py-spy (results/<W>-profile.svg)",
+    )
+    run.add_argument(
+        "--rates",
+        default=None,
+        help="W6: offered loads, jobs/s, comma-separated (default 25,50,100,150,200,250,300)",
+    )
+    run.add_argument(
+        "--duration", type=float, default=None, help="W6: seconds per rate (default 10)"
     )
     run.add_argument("--results-dir", default=None, help="default bench/results")
     run.add_argument("--out-dir", default=None, help="report and plots; default bench/")

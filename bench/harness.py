@@ -826,12 +826,16 @@ def produce(
     tag: str,
     *,
     sequential: bool = False,
+    rate: float | None = None,
 ) -> dict[str, Any]:
+    """``rate``: open loop at that many jobs/s (``bench/producer.py --rate``)."""
     spec_path = ctx.workdir / f"{tag}.jobs.json"
     spec_path.write_text(json.dumps({"release": release, "jobs": specs}))
     cmd = [sys.executable, "-m", "bench.producer", system, str(spec_path), "--queue", PEER_QUEUE]
     if sequential:
         cmd += ["--sequential", ctx.backend_url]
+    if rate is not None:
+        cmd += ["--rate", str(rate)]
     env = {**os.environ, "REDIS_URL": redis_url}
     env.pop("BROKER_URL", None)
     out = subprocess.run(
@@ -840,7 +844,7 @@ def produce(
         cwd=str(ROOT),
         capture_output=True,
         text=True,
-        timeout=max(300, len(specs) * (2.0 if sequential else 0.05)),
+        timeout=max(300, len(specs) * (2.0 if sequential else 0.05) + len(specs) / (rate or 1e9)),
     )
     spec_path.unlink(missing_ok=True)
     if out.returncode != 0:
@@ -912,6 +916,34 @@ def summarize_records(records: list[dict[str, Any]], expected: int) -> dict[str,
         }
     )
     return out
+
+
+@contextlib.contextmanager
+def queued_system(
+    ctx: Ctx,
+    system: BridgeSystem | PeerSystem,
+    warm: list[dict[str, Any]],
+    release: dict[str, Any],
+    *,
+    tag: str,
+) -> Iterator[str]:
+    """A system started on a fresh Redis and warmed up, for several measured phases on
+    the one system (W6's rates); yields the Redis URL, stops both on the way out."""
+    from devtools.redis_server import RedisServer
+
+    create_jobs(ctx, warm, release)
+    redis = RedisServer().start()
+    try:
+        system.start(redis.url)
+        if warm:
+            base = ctx.final_count()
+            produce(ctx, system.name, redis.url, warm, release, f"{tag}-warm")
+            wait_final(ctx, base + len(warm), system=system)
+            time.sleep(0.5)
+        yield redis.url
+    finally:
+        system.stop()
+        redis.close()
 
 
 def run_queued(

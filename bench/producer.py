@@ -10,8 +10,9 @@ messages are the same job dict (the bridge's wire format, ``submitted_at`` inclu
 admin API until the job is final, and print per job when it was sent, when the backend
 recorded its final write (its write log) and when the poll first saw it (W4). The
 write time does not depend on the poll interval, and a slower poll (10 ms) loads the
-backend less while the job runs. Otherwise send all as fast as possible. Prints one
-JSON line.
+backend less while the job runs. ``--rate R``: open loop, job i sent at start + i/R
+whatever the system does (W6; a sender behind schedule sends at once, and says by how
+much it fell behind). Otherwise send all as fast as possible. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -90,6 +91,34 @@ def peer_sender(
     return send
 
 
+def send_at_rate(
+    send: Callable[[dict[str, Any]], None], jobs: list[dict[str, Any]], rate: float
+) -> dict[str, Any]:
+    """Open loop: job i at start + i/rate, on a schedule the system's pace never moves."""
+    if rate <= 0:
+        raise ValueError(f"--rate must be positive, not {rate}")
+    t0 = time.time()
+    m0 = time.monotonic()
+    lag_max = 0.0
+    for i, job in enumerate(jobs):
+        ahead = m0 + i / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+        else:
+            lag_max = max(lag_max, -ahead)
+        send(job)
+    send_s = time.time() - t0
+    return {
+        "sent": len(jobs),
+        "first_send": t0,
+        "send_s": send_s,
+        "rate": rate,
+        # n jobs span n - 1 intervals
+        "sent_rate": round((len(jobs) - 1) / send_s, 2) if len(jobs) > 1 and send_s > 0 else None,
+        "lag_max_s": round(lag_max, 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("system", choices=["bridge", "peer"])
@@ -97,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queue", default="synapse_peer")
     ap.add_argument("--sequential", metavar="BACKEND_URL", default=None)
     ap.add_argument("--poll-interval", type=float, default=0.01)
+    ap.add_argument("--rate", type=float, default=None, help="jobs/s, open loop")
     args = ap.parse_args(argv)
     spec = json.loads(args.spec.read_text())
     release, jobs = spec["release"], spec["jobs"]
@@ -105,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         send = peer_sender(release, os.environ["REDIS_URL"], args.queue)
 
+    if args.rate is not None:
+        print(json.dumps(send_at_rate(send, jobs, args.rate)))
+        return 0
     if args.sequential is None:
         t0 = time.time()
         for job in jobs:

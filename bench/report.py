@@ -1,6 +1,6 @@
 """``bench/REPORT.md`` and ``bench/plots/*.png`` from the result files present.
 
-Only ``W1.json`` .. ``W5.json`` are read (other files in the results folder belong to
+Only ``W1.json`` .. ``W6.json`` are read (other files in the results folder belong to
 other benchmarks). ``bench/FINDINGS.md``, when present, is included verbatim: it is
 the hand-written part (profiles read, fixes tried, before/after figures).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 FINDINGS = ROOT / "bench" / "FINDINGS.md"
-ORDER = ["W1", "W2", "W3", "W4", "W5"]
+ORDER = ["W1", "W2", "W3", "W4", "W5", "W6"]
 
 SYSTEMS_TEXT = """\
 - **direct**: async HTTP (httpx) straight to the Serve endpoint with the bridge's
@@ -273,6 +273,64 @@ def plot_w5(r: dict[str, Any], plots: Path) -> list[str]:
     return ["W5-memory.png"]
 
 
+CURVE_COLORS = ["#dd8452", "#4c72b0", "#55a868", "#8172b3", "#c44e52", "#937860"]
+
+
+def plot_w6(r: dict[str, Any], plots: Path) -> list[str]:
+    """Latency (p50 solid, p99 dashed, log) against achieved items/s, one colour per
+    system, each point labelled with its offered rate: pick the wait from where the
+    lines bend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 6))
+    drawn = False
+    for i, s in enumerate(r.get("systems") or []):
+        pts = [p for p in s.get("points") or [] if p.get("throughput") and p.get("latency_ms")]
+        if not pts:
+            continue
+        drawn = True
+        color = CURVE_COLORS[i % len(CURVE_COLORS)]
+        x = [p["throughput"] for p in pts]
+        for q, style, marker in (("p50", "-", "o"), ("p99", "--", "^")):
+            ax.plot(
+                x,
+                [p["latency_ms"][q] for p in pts],
+                style,
+                marker=marker,
+                color=color,
+                lw=1.4,
+                ms=4,
+                label=f"{s['label']} {q}",
+            )
+        for p in pts:
+            ax.annotate(
+                f"{p['rate']:g}/s",
+                (p["throughput"], p["latency_ms"]["p99"]),
+                textcoords="offset points",
+                xytext=(3, 4),
+                fontsize=6,
+                color=color,
+            )
+    if not drawn:
+        plt.close(fig)
+        return []
+    if r.get("ceiling"):
+        ax.axvline(r["ceiling"], ls=":", c="k", lw=1, label=f"ceiling {r['ceiling']:.0f} items/s")
+    ax.set_yscale("log")
+    ax.set_xlabel("achieved items/s (jobs of one offered rate / their span)")
+    ax.set_ylabel("latency, submit to final write (ms, log)")
+    ax.set_title(
+        f"W6 throughput against latency: p50 (solid) and p99 (dashed), "
+        f"labels = offered jobs/s{_quick_suffix(r)}",
+        fontsize=10,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(plots / "W6-curve.png", dpi=110)
+    plt.close(fig)
+    return ["W6-curve.png"]
+
+
 def _color(s: dict[str, Any]) -> str:
     base = {"direct": "#4c72b0", "peer": "#dd8452", "bridge": "#55a868"}.get(
         s.get("system"), "#888"
@@ -300,6 +358,8 @@ def make_plots(results: dict[str, dict[str, Any]], plots: Path) -> dict[str, lis
             elif key == "W5":
                 names += plot_w5(r, plots)
                 names += plot_throughput(key, r, plots)
+            elif key == "W6":
+                names += plot_w6(r, plots)
         except Exception as e:  # a plot must not cost the report
             names.append(f"(plot failed: {type(e).__name__}: {e})")
         out[key] = names
@@ -441,6 +501,26 @@ def _w5_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _w6_table(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "| system | offered jobs/s | sent jobs/s | jobs | ok / failed / lost | achieved items/s | "
+        "p50 ms | p99 ms | mean batch | accel busy | machine busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in r["systems"]:
+        for p in s.get("points") or []:
+            a = p.get("accel") or {}
+            lines.append(
+                f"| {s['label']} | {_f(p.get('rate'), 0)} | {_f(p.get('sent_rate'))} | "
+                f"{_f(p.get('jobs'))} | {_f(p.get('succeeded'))} / {_f(p.get('failed'))} / "
+                f"{_f(p.get('lost', 0))} | **{_f(p.get('throughput'))}** | "
+                f"{_f(_lat(p, 'p50'))} | {_f(_lat(p, 'p99'))} | {_f(p.get('mean_batch'))} | "
+                f"{_f(a.get('utilization'), 2)} | "
+                f"{_f((p.get('machine_busy') or 0) * 100, 0)}% |"
+            )
+    return lines
+
+
 def _section(
     key: str, r: dict[str, Any], plots: list[str], plots_rel: str, results_rel: str
 ) -> list[str]:
@@ -475,6 +555,8 @@ def _section(
             lines += _w4_table(r)
         elif key == "W5":
             lines += _w5_table(r)
+        elif key == "W6":
+            lines += _w6_table(r)
         else:
             lines += _systems_table(r)
         if key in ("W3", "W4", "W5"):

@@ -1,4 +1,4 @@
-"""The five workloads. Each runs in one Ray/backend stack and returns its result dict.
+"""The six workloads. Each runs in one Ray/backend stack and returns its result dict.
 
 Every system gets a fresh Redis; direct, peer and bridge run one after the other
 against the same deployed Serve application (models already loaded by a warm-up).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,20 +16,27 @@ from typing import Any
 from bench.harness import (
     SIMACCEL,
     BridgeSystem,
+    CpuWindow,
     Ctx,
     PeerSystem,
     Population,
     Sampler,
+    create_jobs,
     deploy_plugin,
     dist_ms,
     job_specs,
     log,
     make_population,
+    produce,
+    queued_system,
     release_of,
     run_direct,
     run_queued,
     seed_population,
+    summarize_records,
+    wait_final,
 )
+from bench.pool import process_tree
 
 ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
 
@@ -58,6 +66,26 @@ class Workload:
     quick_jobs: int
     concurrency: int
     what: str
+
+
+@dataclass(frozen=True)
+class CurvePlan:
+    """W6's offered loads: each rate (jobs/s) held for ``duration_s``, one after the other
+    on one started system, each drained before the next."""
+
+    rates: tuple[float, ...]
+    duration_s: float
+
+    def jobs_at(self, rate: float) -> int:
+        return max(1, round(rate * self.duration_s))
+
+    @property
+    def jobs(self) -> int:
+        return sum(self.jobs_at(r) for r in self.rates)
+
+
+CURVE_FULL = CurvePlan((25, 50, 100, 150, 200, 250, 300), 10.0)
+CURVE_QUICK = CurvePlan((25, 150), 3.0)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -110,6 +138,17 @@ WORKLOADS: dict[str, Workload] = {
         16,
         "queued trivial jobs drain through the bridge; worker RSS and Redis memory sampled "
         "every second",
+    ),
+    "W6": Workload(
+        "W6",
+        "throughput against latency",
+        CURVE_FULL.jobs,
+        CURVE_QUICK.jobs,
+        192,
+        "the simulated accelerator of W2 (1 replica, batches of at most 32), 4 models, "
+        "8 tenants, model-affine routing; open-loop offered load at rising rates, each "
+        "held a fixed time; the peer, and the bridge with coalescing off and at waits "
+        "of 2, 10 and 50 ms (at most 32 items)",
     ),
 }
 
@@ -322,10 +361,11 @@ def _accel_diff(before: dict[str, Any], after: dict[str, Any], span_s: float | N
     }
 
 
-def w2(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
-    pop = make_population("w2", 8, 4, 301)
-    seed_population(ctx.admin, ctx.workdir, pop)
-    release = release_of(SIMACCEL)
+def _deploy_accel(
+    ctx: Ctx, pop: Population, concurrency: int
+) -> tuple[Any, dict[str, Any], Callable[[], dict[str, Any]]]:
+    """The simulated accelerator, 1 replica (W2, W6): the spec, the options, and a
+    reader of its device figures (calls, items, busy time, batch sizes)."""
     options = {
         "num_replicas": 1,
         "max_models_per_replica": len(pop.models),
@@ -335,12 +375,20 @@ def w2(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = deploy_plugin(SIMACCEL, env=accel_env(0.0), **options)
     ctx.timings["deploy_s"] = round(time.perf_counter() - t0, 2)
-    deployment = "SimAccelDeployment"
-    ceiling = accel_ceiling(1)
 
     def accel_now() -> dict[str, Any]:
-        stats = replica_stats(spec, deployment, 1)
+        stats = replica_stats(spec, "SimAccelDeployment", 1)
         return next(iter(stats.values()))["accel"]
+
+    return spec, options, accel_now
+
+
+def w2(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
+    pop = make_population("w2", 8, 4, 301)
+    seed_population(ctx.admin, ctx.workdir, pop)
+    release = release_of(SIMACCEL)
+    spec, options, accel_now = _deploy_accel(ctx, pop, concurrency)
+    ceiling = accel_ceiling(1)
 
     runs: list[tuple[str, Any]] = [
         ("direct", "model_affine"),
@@ -882,11 +930,182 @@ def w5(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     }
 
 
-RUNNERS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}
+# --- W6 -----------------------------------------------------------------------------------
+
+
+# (job id tag, label, SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS, SYNAPSE_BRIDGE_COALESCE_WAIT);
+# max items None = the peer.
+CURVE_SYSTEMS: list[tuple[str, str, int | None, float | None]] = [
+    ("peer", "peer", None, None),
+    ("bridge-off", "bridge (coalescing off)", 1, None),
+    ("bridge-wait2ms", "bridge (wait 2 ms)", 32, 0.002),
+    ("bridge-wait10ms", "bridge (wait 10 ms)", 32, 0.01),
+    ("bridge-wait50ms", "bridge (wait 50 ms)", 32, 0.05),
+]
+
+
+def curve_plan(quick: bool, rates: str | None = None, duration_s: float | None = None) -> CurvePlan:
+    """The plan from the command line: ``--rates 25,50,...`` and ``--duration S`` override
+    the full (or, with ``--quick``, the quick) sizes."""
+    base = CURVE_QUICK if quick else CURVE_FULL
+    return CurvePlan(
+        tuple(float(r) for r in rates.split(",")) if rates else base.rates,
+        duration_s if duration_s else base.duration_s,
+    )
+
+
+def _coalesce_env(max_items: int, wait_s: float | None) -> dict[str, str]:
+    env = {"SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS": str(max_items)}
+    if wait_s is not None:
+        env["SYNAPSE_BRIDGE_COALESCE_WAIT"] = str(wait_s)
+    return env
+
+
+def _curve_point(
+    rate: float, prefix: str, n: int, sent: dict[str, Any], records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One rate's figures: throughput over the window (first submit to last final
+    write), latency submit -> final write (``metrics_record``), as ``summarize_records``."""
+    mine = [j for j in records if j["id"].startswith(prefix + "-")]
+    fig = summarize_records(mine, n)
+    fig.pop("timeline", None)
+    return {
+        "rate": rate,
+        "sent_rate": sent.get("sent_rate"),
+        "send_lag_max_s": sent.get("lag_max_s"),
+        **fig,
+    }
+
+
+def _curve_system(
+    ctx: Ctx,
+    system: BridgeSystem | PeerSystem,
+    prefix: str,
+    label: str,
+    plan: CurvePlan,
+    pop: Population,
+    release: dict[str, Any],
+    accel_now: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """Every rate of the plan through one started system; records read once at the end."""
+    phases: list[dict[str, Any]] = []
+    with queued_system(ctx, system, _warm(prefix, pop, accel_body), release, tag=prefix) as url:
+        for rate in plan.rates:
+            n = plan.jobs_at(rate)
+            tag = f"{prefix}-r{rate:g}"
+            specs = job_specs(tag, n, pop, accel_body)
+            create_jobs(ctx, specs, release)
+            log(f"W6 {label}: {rate:g} jobs/s for {plan.duration_s:g} s ({n} jobs)")
+            base = ctx.final_count()
+            before = accel_now()
+            cpu = CpuWindow(
+                {"worker": system.pids, "backend": lambda: process_tree(ctx.backend_pid)}
+            ).start()
+            sent = produce(ctx, system.name, url, specs, release, tag, rate=rate)
+            wait_final(ctx, base + n, system=system)
+            busy = cpu.stop(n)
+            phases.append(
+                {
+                    "tag": tag,
+                    "rate": rate,
+                    "n": n,
+                    "sent": sent,
+                    "accel": before,
+                    "accel_after": accel_now(),
+                    "machine_busy": busy["machine_busy"],
+                    "cpu_ms_per_job": busy["cpu_ms_per_job"],
+                }
+            )
+            time.sleep(0.5)  # the last writes and acks settle before the next rate
+    records = ctx.admin.jobs()
+    points = []
+    for ph in phases:
+        pt = _curve_point(ph["rate"], ph["tag"], ph["n"], ph["sent"], records)
+        pt["accel"] = _accel_diff(ph["accel"], ph["accel_after"], pt.get("span_s"))
+        pt["mean_batch"] = pt["accel"]["mean_batch"]
+        pt["machine_busy"] = ph["machine_busy"]
+        pt["cpu_ms_per_job"] = ph["cpu_ms_per_job"]
+        points.append(pt)
+    return {
+        "system": system.name,
+        "label": label,
+        **system.describe(),
+        "jobs": plan.jobs,
+        "succeeded": sum(p.get("succeeded", 0) for p in points),
+        "failed": sum(p.get("failed", 0) for p in points),
+        "lost": sum(p.get("lost", 0) for p in points),
+        "points": points,
+    }
+
+
+def w6(ctx: Ctx, n: int, concurrency: int, plan: CurvePlan = CURVE_FULL) -> dict[str, Any]:
+    """Throughput against latency as the offered load rises, per system: where each
+    coalescing wait trades latency at low load for items/s at high load."""
+    pop = make_population("w6", 8, 4, 331)
+    seed_population(ctx.admin, ctx.workdir, pop)
+    release = release_of(SIMACCEL)
+    _, options, accel_now = _deploy_accel(ctx, pop, concurrency)
+    mode = "model_affine"
+    systems = []
+    for tag, label, max_items, wait_s in CURVE_SYSTEMS:
+        system: BridgeSystem | PeerSystem
+        if max_items is None:
+            system = PeerSystem(ctx, tag, concurrency=concurrency, routing_mode=mode)
+        else:
+            system = BridgeSystem(
+                ctx,
+                tag.removeprefix("bridge-"),  # its workdir: bridge-<tag>
+                concurrency=concurrency,
+                routing_mode=mode,
+                extra_env=_coalesce_env(max_items, wait_s),
+            )
+        fig = _curve_system(ctx, system, f"W6-{tag}", label, plan, pop, release, accel_now)
+        fig["coalesce"] = {"max_items": max_items, "wait_s": wait_s}
+        systems.append(fig)
+    return {
+        "unit": "items/s",
+        "ceiling": round(accel_ceiling(1), 1),
+        "population": pop.describe(),
+        "params": {
+            "rates": list(plan.rates),
+            "duration_s": plan.duration_s,
+            "jobs_per_system": plan.jobs,
+            "concurrency": concurrency,
+            "routing_mode": mode,
+            "accelerator": ACCEL,
+            "serve_options": options,
+            "plugin": "bench/plugins/simaccel",
+        },
+        "systems": systems,
+        "targets": [],
+        "notes": [
+            "Open loop: the producer sends job i at start + i/rate "
+            "(`bench/producer.py --rate`), whatever the system's pace; each rate runs "
+            f"{plan.duration_s:g} s on the one started system, drained before the next. "
+            "sent_rate is what the producer achieved, send_lag_max_s how far it fell "
+            "behind its schedule.",
+            "Achieved items/s = jobs / (last final write - first submit) of that rate's "
+            "jobs (`metrics_record`); latency = `metrics_record.total_s` (submit to the "
+            "final write), as W1. Mean batch = items / calls on the replica's device over "
+            "that rate's window.",
+            "Coalescing settings reach the bridge worker's environment: "
+            "SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS (1 = off) and SYNAPSE_BRIDGE_COALESCE_WAIT "
+            "(seconds a group waits for company while a call for its model is in flight). "
+            "A worker without coalescing ignores both: its bridge lines then measure the "
+            "same thing.",
+            "Machine busy near 100% at a point: the CPU (all processes share this "
+            "machine), not the accelerator, set its pace; such a point says little about "
+            "the coalescing wait.",
+        ],
+    }
+
+
+RUNNERS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6}
 SYSTEMS = {
     "W1": "direct, peer, bridge",
     "W2": "direct, peer, bridge, bridge (compatible)",
     "W3": "bridge (compatible, model_affine, sdk_like)",
     "W4": "direct, peer, bridge (sequential)",
     "W5": "bridge",
+    "W6": "peer, bridge (coalescing off, wait 2 / 10 / 50 ms), open loop at rising rates",
 }
