@@ -30,6 +30,7 @@ from config.settings import MAX_COALESCED_ITEMS as MAX_ITEMS
 from serve_runtime.batcher import Arrivals
 
 ITEMS_HEADER = "synapse-items"
+INVALID_ITEMS = "invalid_items"  # the error code of a malformed coalesced call
 
 # The coalesced call the current item belongs to (None for a single call).
 ARRIVALS: contextvars.ContextVar[Arrivals | None] = contextvars.ContextVar(
@@ -82,7 +83,7 @@ class CoalescedCalls:
         try:
             items = _parse(count, body)
         except ValueError as e:
-            detail = {"message": str(e), "code": "invalid_items", "transient": False}
+            detail = {"message": str(e), "code": INVALID_ITEMS, "transient": False}
             await _respond(send, 400, json.dumps({"detail": detail}).encode())
             return
         arrivals = Arrivals(len(items))
@@ -185,6 +186,7 @@ async def _respond(send: Send, status: int, payload: bytes) -> None:
 
 __all__ = [
     "ARRIVALS",
+    "INVALID_ITEMS",
     "ITEMS_HEADER",
     "MAX_ITEMS",
     "CoalescedCalls",

@@ -204,3 +204,47 @@ def test_a_leader_that_breaks_leaves_no_job_waiting(pool: Any) -> None:
         errors.append(type(info.value).__name__)
     # The leader meets the bug itself (its job retries); the others a transient error.
     assert sorted(errors) == ["RuntimeError", "ServeConnectionError", "ServeConnectionError"]
+
+
+def test_an_endpoint_that_refuses_coalesced_calls_gets_single_calls(pool: Any) -> None:
+    class Old(Serve):
+        """A runtime from before coalescing: its endpoint is handed a list, and says 422."""
+
+        def infer_many(self, route_prefix: str, bodies: list[Any], **kw: Any) -> list[Any]:
+            self._record(bodies, kw["token"])
+            raise ServeClientError(f"{route_prefix}: 422 body must be an object", status_code=422)
+
+    serve = Old()
+    c = Coalescer(serve, max_items=4, wait_s=30.0)
+    serve.gate.clear()
+    pool.submit(call, c, 0)
+    until(lambda: len(serve.calls) == 1)
+    jobs = [pool.submit(call, c, n) for n in range(1, 5)]
+    until(lambda: len(serve.calls) == 2)
+    serve.gate.set()
+    assert [j.result(5) for j in jobs] == [{"echo": n} for n in range(1, 5)]
+    assert sorted(len(x) for x in serve.calls) == [1, 1, 1, 1, 1, 4]  # one refusal, then alone
+    serve.calls.clear()
+    later = [pool.submit(call, c, n) for n in range(5, 13)]
+    assert [j.result(5) for j in later] == [{"echo": n} for n in range(5, 13)]
+    assert all(len(x) == 1 for x in serve.calls)  # the route is remembered
+
+
+def test_a_malformed_coalesced_call_is_that_calls_error_not_a_fallback(pool: Any) -> None:
+    class Strict(Serve):
+        def infer_many(self, route_prefix: str, bodies: list[Any], **kw: Any) -> list[Any]:
+            self._record(bodies, kw["token"])
+            raise ServeClientError("400 bad count", status_code=400, code="invalid_items")
+
+    serve = Strict()
+    c = Coalescer(serve, max_items=2, wait_s=30.0)
+    serve.gate.clear()
+    pool.submit(call, c, 0)
+    until(lambda: len(serve.calls) == 1)
+    jobs = [pool.submit(call, c, n) for n in (1, 2)]
+    until(lambda: len(serve.calls) == 2)
+    serve.gate.set()
+    for j in jobs:
+        with pytest.raises(ServeClientError, match="bad count"):
+            j.result(5)
+    assert len(serve.calls) == 2

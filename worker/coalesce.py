@@ -12,6 +12,9 @@ item's answer:
   answered, then sends it;
 * a group of one is sent as today's single body; larger ones as one coalesced call
   (``serve_runtime.coalesced``);
+* an endpoint that refuses a coalesced call as a whole with a 4xx other than
+  ``invalid_items`` (a runtime from before coalescing: its endpoint gets a list) gets
+  single calls from each job, for a minute, then a coalesced call again;
 * each item's answer is its own: one item's error (bad input, say) fails only its
   job; a call that fails as a whole gives each job that error, classified as usual
   (transient: each job retries on its own).
@@ -35,10 +38,20 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from config.errors import DeadlineExceeded
 from serve_runtime.client import ServeClient
-from serve_runtime.errors import ServeConnectionError, ServeError
+from serve_runtime.coalesced import INVALID_ITEMS
+from serve_runtime.errors import ServeClientError, ServeConnectionError, ServeError
 from worker import metrics
+
+log = structlog.get_logger("worker.coalesce")
+
+# An answer meaning "send your own call": the endpoint does not take coalesced calls.
+ALONE = object()
+# How long a route that refused a coalesced call gets single calls before a new try.
+SINGLES_RECHECK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,7 @@ class Coalescer:
         self.wait_s = wait_s
         self._lanes: dict[Lane, _LaneState] = {}
         self._lock = threading.Lock()
+        self._singles_until: dict[str, float] = {}  # routes that refused a coalesced call
 
     def infer(
         self,
@@ -110,7 +124,7 @@ class Coalescer:
                 self._close(state, group)
         if leader:
             self._lead(lane, group)
-        return self._answer(item)
+        return self._answer(lane, token, item)
 
     def _close(self, state: _LaneState, group: _Group) -> None:
         """No job joins ``group`` any more; it counts as in flight from here (the lock
@@ -159,9 +173,23 @@ class Coalescer:
         }
         try:
             if len(items) == 1:
-                answers = [self.serve.infer(lane.route_prefix, items[0].body, **kw)]
+                answers: list[Any] = [self.serve.infer(lane.route_prefix, items[0].body, **kw)]
+            elif self._single_only(lane.route_prefix):
+                answers = [ALONE] * len(items)  # each job's thread sends its own call
             else:
                 answers = self.serve.infer_many(lane.route_prefix, [i.body for i in items], **kw)
+        except ServeClientError as e:
+            if len(items) == 1 or e.code == INVALID_ITEMS:
+                answers = [e] * len(items)
+            else:  # an endpoint that predates coalesced calls: each job calls alone
+                self._singles_until[lane.route_prefix] = time.monotonic() + SINGLES_RECHECK_S
+                log.warning(
+                    "the endpoint refused a coalesced call; its jobs go alone",
+                    route_prefix=lane.route_prefix,
+                    status=e.status_code,
+                    recheck_s=SINGLES_RECHECK_S,
+                )
+                answers = [ALONE] * len(items)
         except (ServeError, DeadlineExceeded) as e:
             answers = [e] * len(items)
         for item, answer in zip(items, answers, strict=True):
@@ -170,15 +198,33 @@ class Coalescer:
             else:
                 item.answer.set_result(answer)
 
-    @staticmethod
-    def _answer(item: _Item) -> Any:
+    def _single_only(self, route_prefix: str) -> bool:
+        until = self._singles_until.get(route_prefix)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        self._singles_until.pop(route_prefix, None)  # try a coalesced call again
+        return False
+
+    def _answer(self, lane: Lane, token: str, item: _Item) -> Any:
         timeout = None if item.deadline is None else max(0.0, item.deadline - time.monotonic())
         try:
-            return item.answer.result(timeout=timeout)
+            answer = item.answer.result(timeout=timeout)
         except FutureTimeout:
             raise DeadlineExceeded(
                 "no answer to the coalesced call before the time limit"
             ) from None
+        if answer is ALONE:
+            return self.serve.infer(
+                lane.route_prefix,
+                item.body,
+                model=lane.model,
+                token=token,
+                tenant=lane.tenant,
+                deadline=item.deadline,
+            )
+        return answer
 
 
 __all__ = ["Coalescer", "Lane"]
