@@ -101,7 +101,7 @@ def run_one(kind: str, threads: int, url: str, connections: int, seconds: float)
     stop = threading.Event()
     counting = threading.Event()
     done = [0] * threads
-    errors = [0] * threads
+    errors: list[str] = []
 
     def loop(i: int) -> None:
         while not stop.is_set():
@@ -110,8 +110,8 @@ def run_one(kind: str, threads: int, url: str, connections: int, seconds: float)
                 r.raise_for_status()
                 if counting.is_set():
                     done[i] += 1
-            except httpx.HTTPError:
-                errors[i] += 1
+            except httpx.HTTPError as e:
+                errors.append(type(e).__name__)
 
     pool = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
     for t in pool:
@@ -131,7 +131,7 @@ def run_one(kind: str, threads: int, url: str, connections: int, seconds: float)
         "client": kind,
         "threads": threads,
         "requests": n,
-        "errors": sum(errors),
+        "errors": errors,
         "req_per_s": n / (wall1 - wall0),
         "cpu_ms_per_req": 1000 * (cpu1 - cpu0) / max(n, 1),
         "cpu_share": (cpu1 - cpu0) / (wall1 - wall0),
@@ -166,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = rs[len(rs) // 2]  # the median run by CPU per request
                 if a.json:
                     print(json.dumps(runs[kind]))
+                errs = ",".join(e for x in rs for e in x["errors"])
                 each = ", ".join(f"{x['cpu_ms_per_req']:.2f}" for x in runs[kind])
                 print(
                     f"{kind:10} {threads:7d} {r['req_per_s']:8.0f} {r['cpu_ms_per_req']:10.3f} "
-                    f"{100 * r['cpu_share']:5.0f} {sum(x['errors'] for x in rs)}   ({each})",
+                    f"{100 * r['cpu_share']:5.0f} {errs or 0}   ({each})",
                     flush=True,
                 )
     finally:

@@ -3,27 +3,29 @@
 httpcore 1.0.9's ``ConnectionPool`` rescans all its connections, under one lock, at
 every request start and every response close: O(connections^2) for the idle check,
 O(queued x connections) to place waiting requests, and a poll syscall per idle
-connection for its expiry. At 100-200 connections and 192 threads that scan, and the
-threads queued on its lock, were most of the worker's CPU per job (bench/FINDINGS.md,
-W5). Here a request first takes a slot (a semaphore of ``max_connections``, waited on
-up to the pool timeout), then goes to the shard with the most free slots: a shard
-holds at most ``SHARD_CONNECTIONS`` connections and never has a request queued inside
-it, so its scan stays short. The limits keep their meaning: at most
-``max_connections`` connections in all, and a request waits only when all are busy.
+connection for its expiry. With 100-200 connections and 192 threads, that scan and
+the threads queued on its lock grew the client's CPU per request with the thread count
+(bench/FINDINGS.md, "Issue 13"). Here a request first takes a slot (a semaphore of
+``max_connections``, waited on up to the pool timeout), then goes to the shard with
+the most free slots: a shard holds at most ``SHARD_CONNECTIONS`` connections and never
+has a request queued inside it, so its scan stays short. The limits keep their
+meaning: at most ``max_connections`` connections in all, and a request waits only
+while all of them are busy.
 """
 
 from __future__ import annotations
 
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 import httpcore
 import httpx
 
-# Small enough that a shard's scan is cheap, large enough that few shards are needed.
-SHARD_CONNECTIONS = 16
+# A shard's scan costs O(its connections^2); 8 measured below 16 at 64 and 192 threads
+# (bench/http_pool.py), and picking among more shards costs next to nothing.
+SHARD_CONNECTIONS = 8
 
 
 def shard_sizes(total: int, per_shard: int = SHARD_CONNECTIONS) -> list[int]:
@@ -131,8 +133,8 @@ class _ShardStream:
     """A shard's response body; closing it (once) frees the shard's slot."""
 
     def __init__(self, response: httpcore.Response, pool: ShardedConnectionPool, index: int):
-        # The shard's own stream: ``Response.iter_stream`` would run an
-        # ``isinstance(..., typing.Iterable)`` per chunk, a fifth of the CPU at 192 threads.
+        # The shard's stream itself: ``Response.iter_stream`` checks it against
+        # ``typing.Iterable`` first, slow enough to show in the profile at 192 threads.
         self._stream = response.stream
         self._pool = pool
         self._index = index
@@ -140,7 +142,8 @@ class _ShardStream:
         self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self._stream  # type: ignore[misc]
+        assert isinstance(self._stream, Iterable)  # the sync pool's stream
+        yield from self._stream
 
     def close(self) -> None:
         with self._lock:

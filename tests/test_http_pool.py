@@ -21,7 +21,12 @@ import pytest
 from config.settings import Settings
 from serve_runtime.client import ServeClient
 from serve_runtime.errors import ServeTimeout
-from serve_runtime.http_pool import ShardedConnectionPool, ShardedTransport, shard_sizes
+from serve_runtime.http_pool import (
+    SHARD_CONNECTIONS,
+    ShardedConnectionPool,
+    ShardedTransport,
+    shard_sizes,
+)
 from tests.conftest import wait_for
 from worker import backend_api as api
 
@@ -128,6 +133,7 @@ def test_shard_sizes_are_the_fewest_near_equal_parts() -> None:
         sizes = shard_sizes(total, 16)
         assert sum(sizes) == total and max(sizes) <= 16 and max(sizes) - min(sizes) <= 1
         assert len(sizes) == -(-total // 16)
+    assert shard_sizes(100) == [8] * 9 + [7] * 4  # the default: at most SHARD_CONNECTIONS
     with pytest.raises(ValueError):
         shard_sizes(0)
 
@@ -250,7 +256,7 @@ def test_backend_api_spreads_its_pool_over_shards_and_keeps_the_deadline() -> No
     s = Settings(access_token="tok-service-0123456789abcdef", worker_concurrency=184)
     b = api.BackendAPI(s, base_url="http://127.0.0.1:9")
     pool = pool_of(b._http)
-    assert sum(pool.sizes) == 192 and max(pool.sizes) <= 16
+    assert sum(pool.sizes) == 192 and max(pool.sizes) <= SHARD_CONNECTIONS
     assert all(isinstance(sh._network_backend, api._DeadlineBackend) for sh in pool.shards)
     b.close()
 
@@ -276,5 +282,5 @@ def test_one_request_checks_few_connections_however_many_are_open(
 
     monkeypatch.setattr(httpcore.HTTPConnection, "is_idle", counted)
     assert sc._http.get(f"{server.url}/echo").status_code == 200
-    assert checks[0] <= 2 * 16 * 16, f"{checks[0]} connection checks for one request"
+    assert checks[0] <= 2 * SHARD_CONNECTIONS**2, f"{checks[0]} connection checks for one request"
     sc.close()
