@@ -282,5 +282,8 @@ def test_one_request_checks_few_connections_however_many_are_open(
 
     monkeypatch.setattr(httpcore.HTTPConnection, "is_idle", counted)
     assert sc._http.get(f"{server.url}/echo").status_code == 200
-    assert checks[0] <= 2 * SHARD_CONNECTIONS**2, f"{checks[0]} connection checks for one request"
+    # httpcore checks each idle connection against all of its pool's, twice per request:
+    # a shard's count squared, not the client's (20,300 for one pool of 100).
+    bound = 2 * SHARD_CONNECTIONS * (SHARD_CONNECTIONS + 2)
+    assert checks[0] <= bound, f"{checks[0]} connection checks for one request"
     sc.close()
