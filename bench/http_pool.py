@@ -2,7 +2,7 @@
 
     python -m bench.http_pool [--threads 16,64,192] [--clients single,sharded]
                               [--connections 100] [--delay-ms 20] [--seconds 3]
-                              [--repeats 3]
+                              [--repeats 3] [--count]
 
 A trivial ASGI app runs under uvicorn in a subprocess (it answers a small JSON body
 after ``--delay-ms``, like a serve call that takes a while). For each client kind and
@@ -10,6 +10,8 @@ thread count, that many threads share ONE httpx client sized like the worker's
 (``max_connections`` = keep-alive = ``--connections``) and post in a loop; after a
 warm-up, the run counts requests and this process's CPU time (all threads), and
 reports CPU ms per request: the median of ``--repeats`` runs, the kinds alternating.
+``--count`` also counts the connection-state checks httpcore's pool makes per request
+(a figure the machine's load does not move; the counting costs CPU itself).
 ``single`` is a plain ``httpx.Client`` (what the worker had); ``sharded`` (or
 ``sharded:N``, N connections per shard) is ``serve_runtime.http_pool.ShardedTransport``.
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import socket
@@ -31,9 +35,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpcore
 import httpx
 
 from serve_runtime.http_pool import SHARD_CONNECTIONS, ShardedTransport
@@ -96,7 +101,56 @@ def make_client(kind: str, connections: int) -> httpx.Client:
     raise ValueError(f"unknown client kind {kind!r}")
 
 
-def run_one(kind: str, threads: int, url: str, connections: int, seconds: float) -> dict[str, Any]:
+def open_connections(client: httpx.Client) -> int:
+    """The connections the client's pool (or its shards) holds now."""
+    transport = client._transport
+    if isinstance(transport, ShardedTransport):
+        return sum(len(shard.connections) for shard in transport.pool.shards)
+    pool = getattr(transport, "_pool", None)
+    return len(pool.connections) if isinstance(pool, httpcore.ConnectionPool) else -1
+
+
+# The connection-state methods httpcore's pool calls while it scans its connections.
+CHECKS = ("is_idle", "is_available", "is_closed", "has_expired", "can_handle_request")
+
+
+@contextlib.contextmanager
+def counting_checks() -> Iterator[itertools.count[int]]:
+    """Counts every call of ``CHECKS`` on httpcore's connections (``next`` reads it)."""
+    calls = itertools.count()
+    saved = {name: getattr(httpcore.HTTPConnection, name) for name in CHECKS}
+
+    def wrap(method: Callable[..., bool]) -> Callable[..., bool]:
+        def counted(self: httpcore.HTTPConnection, *args: Any) -> bool:
+            next(calls)
+            return method(self, *args)
+
+        return counted
+
+    for name, method in saved.items():
+        setattr(httpcore.HTTPConnection, name, wrap(method))
+    try:
+        yield calls
+    finally:
+        for name, method in saved.items():
+            setattr(httpcore.HTTPConnection, name, method)
+
+
+def run_one(
+    kind: str, threads: int, url: str, connections: int, seconds: float, count: bool = False
+) -> dict[str, Any]:
+    with counting_checks() if count else contextlib.nullcontext() as calls:
+        return _run(kind, threads, url, connections, seconds, calls)
+
+
+def _run(
+    kind: str,
+    threads: int,
+    url: str,
+    connections: int,
+    seconds: float,
+    calls: itertools.count[int] | None,
+) -> dict[str, Any]:
     client = make_client(kind, connections)
     stop = threading.Event()
     counting = threading.Event()
@@ -119,9 +173,12 @@ def run_one(kind: str, threads: int, url: str, connections: int, seconds: float)
     time.sleep(min(2.0, seconds / 2))  # warm-up: connections opened, threads running
     counting.set()
     cpu0, wall0 = time.process_time(), time.monotonic()
+    checks0 = next(calls) if calls is not None else 0
     time.sleep(seconds)
+    checks1 = next(calls) if calls is not None else 0
     cpu1, wall1 = time.process_time(), time.monotonic()
     n = sum(done)
+    opened = open_connections(client)
     counting.clear()
     stop.set()
     for t in pool:
@@ -135,6 +192,8 @@ def run_one(kind: str, threads: int, url: str, connections: int, seconds: float)
         "req_per_s": n / (wall1 - wall0),
         "cpu_ms_per_req": 1000 * (cpu1 - cpu0) / max(n, 1),
         "cpu_share": (cpu1 - cpu0) / (wall1 - wall0),
+        "connections": opened,
+        "checks_per_req": (checks1 - checks0) / max(n, 1) if calls is not None else None,
     }
 
 
@@ -147,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (median)")
     p.add_argument("--json", action="store_true", help="each configuration's runs as JSON")
+    p.add_argument(
+        "--count",
+        action="store_true",
+        help="also count httpcore's connection checks per request (slows the client)",
+    )
     a = p.parse_args(argv)
     proc, url = start_server(a.delay_ms)
     try:
@@ -160,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
             for rep in range(a.repeats):  # the order alternates, so drift hits both kinds
                 for kind in kinds if rep % 2 == 0 else kinds[::-1]:
-                    runs[kind].append(run_one(kind, threads, url, a.connections, a.seconds))
+                    runs[kind].append(
+                        run_one(kind, threads, url, a.connections, a.seconds, a.count)
+                    )
             for kind in kinds:
                 rs = sorted(runs[kind], key=lambda r: r["cpu_ms_per_req"])
                 r = rs[len(rs) // 2]  # the median run by CPU per request
@@ -170,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                 each = ", ".join(f"{x['cpu_ms_per_req']:.2f}" for x in runs[kind])
                 print(
                     f"{kind:10} {threads:7d} {r['req_per_s']:8.0f} {r['cpu_ms_per_req']:10.3f} "
-                    f"{100 * r['cpu_share']:5.0f} {errs or 0}   ({each})",
+                    f"{100 * r['cpu_share']:5.0f} {errs or 0}   ({each})"
+                    + (f"  checks/req {r['checks_per_req']:.0f}" if a.count else "")
+                    + f"  conns {r['connections']}",
                     flush=True,
                 )
     finally:
