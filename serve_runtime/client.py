@@ -29,6 +29,7 @@ from serve_runtime.errors import (
     ServeTimeout,
     ServeTransientError,
 )
+from serve_runtime.http_pool import ShardedTransport
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
@@ -51,9 +52,11 @@ class ServeClient:
                 write=s.serve_read_timeout_s,
                 pool=s.serve_connect_timeout_s,
             ),
-            limits=httpx.Limits(
-                max_connections=s.serve_max_connections,
-                max_keepalive_connections=s.serve_max_connections,
+            transport=ShardedTransport(  # one big httpcore pool costs O(connections^2)
+                httpx.Limits(
+                    max_connections=s.serve_max_connections,
+                    max_keepalive_connections=s.serve_max_connections,
+                )
             ),
         )
 

@@ -31,6 +31,7 @@ import httpx
 from config import Settings, SettingsError, get_settings, redact_text
 from config.errors import BridgeError
 from config.ids import InvalidId, check_job_id, check_tenant
+from serve_runtime.http_pool import ShardedTransport
 
 FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 # The forward order of a job's status; the final ones share the last rank.
@@ -176,19 +177,11 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         time.sleep(seconds)
 
 
-class _DeadlineTransport(httpx.HTTPTransport):
-    """httpx's transport over ``_DeadlineBackend`` (httpcore's hook for the socket layer)."""
+class _DeadlineTransport(ShardedTransport):
+    """The sharded transport (serve_runtime/http_pool.py) over ``_DeadlineBackend``."""
 
     def __init__(self, limits: httpx.Limits) -> None:
-        super().__init__(limits=limits)
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            socket_options=None,
-            network_backend=_DeadlineBackend(),
-        )
+        super().__init__(limits, network_backend=_DeadlineBackend())
 
 
 class BackendAPI:

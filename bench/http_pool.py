@@ -1,0 +1,251 @@
+"""The client's CPU per request through one shared httpx client, by thread count (issue 13).
+
+    python -m bench.http_pool [--threads 16,64,192] [--clients single,sharded]
+                              [--connections 100] [--delay-ms 20] [--seconds 3]
+                              [--repeats 3] [--count]
+
+A trivial ASGI app runs under uvicorn in a subprocess (it answers a small JSON body
+after ``--delay-ms``, like a serve call that takes a while). For each client kind and
+thread count, that many threads share ONE httpx client sized like the worker's
+(``max_connections`` = keep-alive = ``--connections``) and post in a loop; after a
+warm-up, the run counts requests and this process's CPU time (all threads), and
+reports CPU ms per request: the median of ``--repeats`` runs, the kinds alternating.
+``--count`` also counts the connection-state checks httpcore's pool makes per request
+(a figure the machine's load does not move; the counting costs CPU itself).
+``single`` is a plain ``httpx.Client`` (what the worker had); ``sharded`` (or
+``sharded:N``, N connections per shard) is ``serve_runtime.http_pool.ShardedTransport``.
+
+To see where the time goes, profile one configuration (the server is another process
+and is not sampled)::
+
+    py-spy record --native --format raw -o /tmp/pool.txt -- \\
+        .venv/bin/python -m bench.http_pool --threads 192 --clients single --seconds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpcore
+import httpx
+
+from serve_runtime.http_pool import SHARD_CONNECTIONS, ShardedTransport
+
+BODY = json.dumps({"result": [0.1, 0.2, 0.7]}).encode()
+
+
+async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+    """Reads the request, waits ``BENCH_DELAY_MS``, answers a small JSON body."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    delay = float(os.environ.get("BENCH_DELAY_MS", "0")) / 1000
+    if delay:
+        await asyncio.sleep(delay)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": BODY})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(delay_ms: float) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "bench.http_pool:app", "--port", str(port)]
+    cmd += ["--log-level", "warning", "--no-access-log", "--backlog", "4096"]
+    env = {**os.environ, "BENCH_DELAY_MS": str(delay_ms)}
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the bench server did not start in 30 s")
+
+
+def make_client(kind: str, connections: int) -> httpx.Client:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    timeout = httpx.Timeout(30.0)
+    if kind == "single":
+        return httpx.Client(timeout=timeout, limits=limits)
+    if kind.startswith("sharded"):  # "sharded" or "sharded:N", N connections per shard
+        per = int(kind.partition(":")[2] or SHARD_CONNECTIONS)
+        return httpx.Client(timeout=timeout, transport=ShardedTransport(limits, per_shard=per))
+    raise ValueError(f"unknown client kind {kind!r}")
+
+
+def open_connections(client: httpx.Client) -> int:
+    """The connections the client's pool (or its shards) holds now."""
+    transport = client._transport
+    if isinstance(transport, ShardedTransport):
+        return sum(len(shard.connections) for shard in transport.pool.shards)
+    pool = getattr(transport, "_pool", None)
+    return len(pool.connections) if isinstance(pool, httpcore.ConnectionPool) else -1
+
+
+# The connection-state methods httpcore's pool calls while it scans its connections.
+CHECKS = ("is_idle", "is_available", "is_closed", "has_expired", "can_handle_request")
+
+
+@contextlib.contextmanager
+def counting_checks() -> Iterator[itertools.count[int]]:
+    """Counts every call of ``CHECKS`` on httpcore's connections (``next`` reads it)."""
+    calls = itertools.count()
+    saved = {name: getattr(httpcore.HTTPConnection, name) for name in CHECKS}
+
+    def wrap(method: Callable[..., bool]) -> Callable[..., bool]:
+        def counted(self: httpcore.HTTPConnection, *args: Any) -> bool:
+            next(calls)
+            return method(self, *args)
+
+        return counted
+
+    for name, method in saved.items():
+        setattr(httpcore.HTTPConnection, name, wrap(method))
+    try:
+        yield calls
+    finally:
+        for name, method in saved.items():
+            setattr(httpcore.HTTPConnection, name, method)
+
+
+def run_one(
+    kind: str, threads: int, url: str, connections: int, seconds: float, count: bool = False
+) -> dict[str, Any]:
+    with counting_checks() if count else contextlib.nullcontext() as calls:
+        return _run(kind, threads, url, connections, seconds, calls)
+
+
+def _run(
+    kind: str,
+    threads: int,
+    url: str,
+    connections: int,
+    seconds: float,
+    calls: itertools.count[int] | None,
+) -> dict[str, Any]:
+    client = make_client(kind, connections)
+    stop = threading.Event()
+    counting = threading.Event()
+    done = [0] * threads
+    errors: list[str] = []
+
+    def loop(i: int) -> None:
+        while not stop.is_set():
+            try:
+                r = client.post(url, json={"inputs": [1, 2, 3]})
+                r.raise_for_status()
+                if counting.is_set():
+                    done[i] += 1
+            except httpx.HTTPError as e:
+                errors.append(type(e).__name__)
+
+    pool = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    time.sleep(min(2.0, seconds / 2))  # warm-up: connections opened, threads running
+    counting.set()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    checks0 = next(calls) if calls is not None else 0
+    time.sleep(seconds)
+    checks1 = next(calls) if calls is not None else 0
+    cpu1, wall1 = time.process_time(), time.monotonic()
+    n = sum(done)
+    opened = open_connections(client)
+    counting.clear()
+    stop.set()
+    for t in pool:
+        t.join(timeout=60)
+    client.close()
+    return {
+        "client": kind,
+        "threads": threads,
+        "requests": n,
+        "errors": errors,
+        "req_per_s": n / (wall1 - wall0),
+        "cpu_ms_per_req": 1000 * (cpu1 - cpu0) / max(n, 1),
+        "cpu_share": (cpu1 - cpu0) / (wall1 - wall0),
+        "connections": opened,
+        "checks_per_req": (checks1 - checks0) / max(n, 1) if calls is not None else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default="16,64,192")
+    p.add_argument("--clients", default="single,sharded")
+    p.add_argument("--connections", type=int, default=100)
+    p.add_argument("--delay-ms", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration (median)")
+    p.add_argument("--json", action="store_true", help="each configuration's runs as JSON")
+    p.add_argument(
+        "--count",
+        action="store_true",
+        help="also count httpcore's connection checks per request (slows the client)",
+    )
+    a = p.parse_args(argv)
+    proc, url = start_server(a.delay_ms)
+    try:
+        print(
+            f"server delay {a.delay_ms} ms, max_connections {a.connections}, "
+            f"{a.seconds} s per run, {os.cpu_count()} CPUs"
+        )
+        print(f"{'client':10} {'threads':>7} {'req/s':>8} {'CPU ms/req':>10} {'CPU%':>5} errors")
+        kinds = a.clients.split(",")
+        for threads in [int(x) for x in a.threads.split(",")]:
+            runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+            for rep in range(a.repeats):  # the order alternates, so drift hits both kinds
+                for kind in kinds if rep % 2 == 0 else kinds[::-1]:
+                    runs[kind].append(
+                        run_one(kind, threads, url, a.connections, a.seconds, a.count)
+                    )
+            for kind in kinds:
+                rs = sorted(runs[kind], key=lambda r: r["cpu_ms_per_req"])
+                r = rs[len(rs) // 2]  # the median run by CPU per request
+                if a.json:
+                    print(json.dumps(runs[kind]))
+                errs = ",".join(e for x in rs for e in x["errors"])
+                each = ", ".join(f"{x['cpu_ms_per_req']:.2f}" for x in runs[kind])
+                print(
+                    f"{kind:10} {threads:7d} {r['req_per_s']:8.0f} {r['cpu_ms_per_req']:10.3f} "
+                    f"{100 * r['cpu_share']:5.0f} {errs or 0}   ({each})"
+                    + (f"  checks/req {r['checks_per_req']:.0f}" if a.count else "")
+                    + f"  conns {r['connections']}",
+                    flush=True,
+                )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
