@@ -27,6 +27,7 @@ from serve_runtime.errors import (
     ServeTimeout,
     ServeTransientError,
 )
+from serve_runtime.receipt import EXPECT_HEADER, is_unacknowledged, receipt_transport
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
@@ -42,6 +43,10 @@ class ServeClient:
         self.settings = settings or get_settings()
         self.base_url = (base_url or self.settings.serve_url).rstrip("/")
         s = self.settings
+        limits = httpx.Limits(
+            max_connections=s.serve_max_connections,
+            max_keepalive_connections=s.serve_max_connections,
+        )
         self._http = httpx.Client(
             timeout=httpx.Timeout(
                 connect=s.serve_connect_timeout_s,
@@ -49,10 +54,7 @@ class ServeClient:
                 write=s.serve_read_timeout_s,
                 pool=s.serve_connect_timeout_s,
             ),
-            limits=httpx.Limits(
-                max_connections=s.serve_max_connections,
-                max_keepalive_connections=s.serve_max_connections,
-            ),
+            transport=receipt_transport(limits, s.serve_ack_timeout_s),
         )
 
     def close(self) -> None:
@@ -187,7 +189,18 @@ class ServeClient:
                 pool=min(s.serve_connect_timeout_s, left),
             )
         try:
-            response = self._http.request(method.upper(), url, json=body, headers=headers, **extra)
+            try:
+                response = self._http.request(
+                    method.upper(), url, json=body, headers=headers | EXPECT_HEADER, **extra
+                )
+            except httpx.ReadTimeout as e:
+                if not is_unacknowledged(e):
+                    raise
+                # The proxy never read it (issue 13): its connection is closed; send it
+                # again now, unbounded, so a busy proxy costs one bound at most.
+                response = self._http.request(
+                    method.upper(), url, json=body, headers=headers, **extra
+                )
         except httpx.TimeoutException as e:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(
