@@ -27,7 +27,12 @@ from serve_runtime.errors import (
     ServeTimeout,
     ServeTransientError,
 )
-from serve_runtime.receipt import EXPECT_HEADER, is_unacknowledged, receipt_transport
+from serve_runtime.receipt import (
+    EXPECT_HEADER,
+    ReceiptBackend,
+    is_unacknowledged,
+    receipt_transport,
+)
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
@@ -47,6 +52,8 @@ class ServeClient:
             max_connections=s.serve_max_connections,
             max_keepalive_connections=s.serve_max_connections,
         )
+        # Whether the proxy acknowledges requests, and how many went unacknowledged.
+        self.receipt = ReceiptBackend(s.serve_ack_timeout_s)
         self._http = httpx.Client(
             timeout=httpx.Timeout(
                 connect=s.serve_connect_timeout_s,
@@ -54,7 +61,7 @@ class ServeClient:
                 write=s.serve_read_timeout_s,
                 pool=s.serve_connect_timeout_s,
             ),
-            transport=receipt_transport(limits, s.serve_ack_timeout_s),
+            transport=receipt_transport(limits, self.receipt),
         )
 
     def close(self) -> None:

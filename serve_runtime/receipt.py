@@ -7,14 +7,16 @@ as the proxy's handler starts reading the request, before it is routed to a repl
 that interim answer is a receipt that does not depend on how long the inference takes.
 
 ``ReceiptBackend`` wraps httpcore's socket backend: the first read after a request
-head carrying that header waits at most ``ack_timeout_s``; silence past it raises
-``Unacknowledged`` (an ``httpcore.ReadTimeout``) and the caller sends the request again.
+head carrying that header waits at most the receipt bound (``ack_timeout_s``, raised
+while the proxy acknowledges slowly); silence past it raises ``Unacknowledged`` (an
+``httpcore.ReadTimeout``) and the caller sends the request again.
 The bound is armed only once the server has been seen to send a ``100 Continue``, so a
 server that ignores the header only costs a header.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,6 +45,7 @@ class _ReceiptStream(httpcore.NetworkStream):
         self._backend = backend
         self._at_head = True  # the next write starts a request
         self._armed = False  # a request with Expect was sent, nothing read since
+        self._sent_at = 0.0
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if self._at_head:
@@ -50,22 +53,27 @@ class _ReceiptStream(httpcore.NetworkStream):
             head = buffer[: buffer.find(b"\r\n\r\n") + 2]
             self._armed = _EXPECT in head.lower()
         self._stream.write(buffer, timeout)
+        self._sent_at = time.monotonic()
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         self._at_head = True
         if not self._armed:
             return self._stream.read(max_bytes, timeout)
         self._armed = False
-        bound = self._backend.ack_timeout_s if self._backend.server_acks else None
+        backend = self._backend
+        bound = backend.bound() if backend.server_acks else None
         if bound is None or (timeout is not None and timeout <= bound):
             data = self._stream.read(max_bytes, timeout)
         else:
             try:
                 data = self._stream.read(max_bytes, bound)
             except httpcore.ReadTimeout:
-                raise Unacknowledged(f"no receipt for the request within {bound}s") from None
+                backend.missed(bound)
+                raise Unacknowledged(f"no receipt for the request within {bound:.2f}s") from None
         if data.startswith(_INTERIM):
-            self._backend.server_acks = True
+            backend.server_acks = True
+        if data:
+            backend.observe(time.monotonic() - self._sent_at)
         return data
 
     def close(self) -> None:
@@ -79,13 +87,43 @@ class _ReceiptStream(httpcore.NetworkStream):
 
 
 class ReceiptBackend(httpcore.NetworkBackend):
-    """httpcore's sync backend, its streams bounded by ``ack_timeout_s`` (0: never)."""
+    """httpcore's sync backend, its streams' receipts bounded (``ack_timeout_s`` 0: never).
+
+    The bound adapts like TCP's retransmission timeout (RFC 6298): the smoothed receipt
+    time plus four times its variation, never under ``ack_timeout_s``. A healthy proxy
+    acknowledges in milliseconds, so a lost request costs ``ack_timeout_s``; a busy one
+    (its event loop seconds behind) raises the bound instead of having every request
+    sent twice. A miss counts as a receipt twice as late as the bound (the back-off).
+    """
 
     def __init__(self, ack_timeout_s: float) -> None:
         self._inner = httpcore.SyncBackend()
-        self.ack_timeout_s = ack_timeout_s if ack_timeout_s > 0 else None
+        self.ack_timeout_s = ack_timeout_s
         # Learned from the first interim answer: until then no request is bounded.
         self.server_acks = False
+        self.unacknowledged = 0  # requests that got no receipt in time (a figure to watch)
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+
+    def bound(self) -> float | None:
+        """How long the next request may go without a receipt; None: unbounded."""
+        if self.ack_timeout_s <= 0:
+            return None
+        if self._srtt is None:
+            return self.ack_timeout_s
+        return max(self.ack_timeout_s, self._srtt + 4 * self._rttvar)
+
+    def observe(self, seconds: float) -> None:
+        """A receipt came ``seconds`` after the request (races between threads only blur)."""
+        if self._srtt is None:
+            self._srtt, self._rttvar = seconds, seconds / 2
+            return
+        self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - seconds)
+        self._srtt = 0.875 * self._srtt + 0.125 * seconds
+
+    def missed(self, bound: float) -> None:
+        self.unacknowledged += 1
+        self.observe(2 * bound)
 
     def connect_tcp(
         self,
@@ -107,11 +145,11 @@ class ReceiptBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def receipt_transport(limits: httpx.Limits, ack_timeout_s: float) -> httpx.HTTPTransport:
-    """httpx's transport, its pool's connections made by a ``ReceiptBackend``.
+def receipt_transport(limits: httpx.Limits, backend: ReceiptBackend) -> httpx.HTTPTransport:
+    """httpx's transport, its pool's connections made by ``backend``.
 
     httpx takes no network backend; its pool (httpcore's) does, read at each connect.
     """
     transport = httpx.HTTPTransport(limits=limits)
-    transport._pool._network_backend = ReceiptBackend(ack_timeout_s)
+    transport._pool._network_backend = backend
     return transport

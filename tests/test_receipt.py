@@ -151,3 +151,20 @@ def test_receipt_backend_bounds_only_requests_with_expect() -> None:
             assert not isinstance(e.value, Unacknowledged)
             assert time.monotonic() - start >= ACK_TIMEOUT_S * 3
             stream.close()
+
+
+def test_the_bound_follows_the_receipt_time_never_under_the_floor() -> None:
+    backend = ReceiptBackend(ACK_TIMEOUT_S)
+    assert backend.bound() == ACK_TIMEOUT_S
+    for _ in range(20):
+        backend.observe(0.002)  # a healthy proxy
+    assert backend.bound() == ACK_TIMEOUT_S
+    for _ in range(20):
+        backend.observe(2.0)  # a proxy whose event loop is seconds behind
+    assert backend.bound() > 2.0
+    calm = ReceiptBackend(ACK_TIMEOUT_S)
+    calm.observe(0.002)
+    calm.missed(ACK_TIMEOUT_S)
+    assert calm.unacknowledged == 1
+    assert calm.bound() > ACK_TIMEOUT_S  # backs off after a miss
+    assert ReceiptBackend(0).bound() is None
