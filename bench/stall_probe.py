@@ -158,6 +158,23 @@ class Probe:
         }
 
 
+def receipt_figures(receipts: list[float]) -> dict[str, Any]:
+    """How soon the proxy acknowledged (100 Continue or the answer): what bounds it."""
+    r = sorted(receipts)
+    n = len(r)
+    if not n:
+        return {"n": 0}
+    return {
+        "n": n,
+        "p50_s": round(r[n // 2], 4),
+        "p99_s": round(r[int(n * 0.99)], 4),
+        "p999_s": round(r[int(n * 0.999)], 4),
+        "max_s": round(r[-1], 4),
+        "over_0.5s": sum(1 for x in r if x > 0.5),
+        "over_1s": sum(1 for x in r if x > 1.0),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.stall_probe", description=__doc__)
     ap.add_argument("--seconds", type=float, default=180.0)
@@ -176,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         client = ServeClient(settings, base_url=f"http://127.0.0.1:{port}")
         client._request("post", ROUTE, {"x": 0}, {})
         backend = client.receipt
+        receipts: list[float] = []  # seconds from a request to its first byte back
+        observe = backend.observe
+
+        def observed(seconds: float) -> None:
+            receipts.append(seconds)
+            observe(seconds)
+
+        backend.observe = observed  # type: ignore[method-assign]
         http11.HTTP11Connection.handle_request = _traced_handle  # type: ignore[method-assign]
         probe = Probe(client, port, args.slow)
         stop = threading.Event()
@@ -206,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                 "final_bound_s": backend.bound(),
             },
             "summary": probe.summary(elapsed),
+            "receipts": receipt_figures(receipts),
             "slow": probe.slow,
         }
         print(json.dumps({**result["client"], **result["summary"]}), flush=True)
+        print(json.dumps({"receipts": result["receipts"]}), flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import httpx
+import structlog
 
 from config import Settings, get_settings
 from config.errors import DeadlineExceeded
@@ -39,6 +40,8 @@ from serve_runtime.tokens import (
     ModelKey,
     create_serve_multiplexed_model_id,
 )
+
+log = structlog.get_logger("serve_runtime.client")
 
 
 class ServeClient:
@@ -205,6 +208,7 @@ class ServeClient:
                     raise
                 # The proxy never read it (issue 13): its connection is closed; send it
                 # again now, unbounded, so a busy proxy costs one bound at most.
+                log.warning("serve_call_unacknowledged", route=route_prefix, detail=str(e))
                 response = self._http.request(
                     method.upper(), url, json=body, headers=headers, **extra
                 )
