@@ -137,11 +137,15 @@ class Probe:
         while taken < most and not stop.wait(1.0):
             now = time.monotonic()
             with self.lock:
-                hung = [(t, i, s) for t, i, s in self.in_flight.values() if now - t > hung_s]
-            for _, info, seen in hung:
+                hung = [(k, e) for k, e in self.in_flight.items() if now - e[0] > hung_s]
+            for thread, entry in hung:
+                _, info, seen = entry
                 if not seen and info.get("port") and taken < most:
-                    seen.extend(ss_lines(info["port"], self.server_port))
+                    lines = ss_lines(info["port"], self.server_port)
                     taken += 1
+                    with self.lock:  # kept only if the request still hangs after ss
+                        if self.in_flight.get(thread) is entry:
+                            seen.extend(lines)
 
     def summary(self, seconds: float) -> dict[str, Any]:
         lat = sorted(self.latencies)

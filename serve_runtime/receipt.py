@@ -16,7 +16,9 @@ server that ignores the header only costs a header.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -89,12 +91,16 @@ class _ReceiptStream(httpcore.NetworkStream):
 class ReceiptBackend(httpcore.NetworkBackend):
     """httpcore's sync backend, its streams' receipts bounded (``ack_timeout_s`` 0: never).
 
-    The bound adapts like TCP's retransmission timeout (RFC 6298): the smoothed receipt
-    time plus four times its variation, never under ``ack_timeout_s``. A healthy proxy
-    acknowledges in milliseconds, so a lost request costs ``ack_timeout_s``; a busy one
-    (its event loop seconds behind) raises the bound instead of having every request
-    sent twice. A miss counts as a receipt twice as late as the bound (the back-off).
+    The bound is twice the slowest of the last ``RECENT`` receipts, never under
+    ``ack_timeout_s``. A healthy proxy acknowledges in milliseconds, so a lost request
+    costs ``ack_timeout_s``; a saturated one (its event loop seconds behind, receipts
+    with a long tail) raises the bound rather than have its slow receipts sent twice,
+    and the bound comes down once ``RECENT`` quick receipts have passed. A miss counts
+    as a receipt twice as late as its bound (the back-off). The probe
+    (``bench/stall_probe.py``) reports receipt times and re-sends.
     """
+
+    RECENT = 256
 
     def __init__(self, ack_timeout_s: float) -> None:
         self._inner = httpcore.SyncBackend()
@@ -102,28 +108,26 @@ class ReceiptBackend(httpcore.NetworkBackend):
         # Learned from the first interim answer: until then no request is bounded.
         self.server_acks = False
         self.unacknowledged = 0  # requests that got no receipt in time (a figure to watch)
-        self._srtt: float | None = None
-        self._rttvar = 0.0
+        self._recent: deque[float] = deque(maxlen=self.RECENT)
+        self._lock = threading.Lock()
 
     def bound(self) -> float | None:
         """How long the next request may go without a receipt; None: unbounded."""
         if self.ack_timeout_s <= 0:
             return None
-        if self._srtt is None:
-            return self.ack_timeout_s
-        return max(self.ack_timeout_s, self._srtt + 4 * self._rttvar)
+        with self._lock:
+            slowest = max(self._recent, default=0.0)
+        return max(self.ack_timeout_s, 2 * slowest)
 
     def observe(self, seconds: float) -> None:
-        """A receipt came ``seconds`` after the request (races between threads only blur)."""
-        if self._srtt is None:
-            self._srtt, self._rttvar = seconds, seconds / 2
-            return
-        self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - seconds)
-        self._srtt = 0.875 * self._srtt + 0.125 * seconds
+        """A receipt came ``seconds`` after the request."""
+        with self._lock:
+            self._recent.append(seconds)
 
     def missed(self, bound: float) -> None:
-        self.unacknowledged += 1
-        self.observe(2 * bound)
+        with self._lock:
+            self.unacknowledged += 1
+            self._recent.append(2 * bound)
 
     def connect_tcp(
         self,
