@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     serve_connect_timeout_s: float = _env("SYNAPSE_BRIDGE_SERVE_CONNECT_TIMEOUT", default=5.0)
     serve_read_timeout_s: float = _env("SYNAPSE_BRIDGE_SERVE_READ_TIMEOUT", default=60.0)
     serve_max_connections: int = _env("SYNAPSE_BRIDGE_SERVE_MAX_CONNECTIONS", default=100)
+    # A serve call the proxy has not acknowledged (100 Continue) within this is sent again
+    # at once, once (serve_runtime/receipt.py); the floor of a bound that rises while the
+    # proxy acknowledges slowly; 0 turns the receipt off.
+    serve_ack_timeout_s: float = _env("SYNAPSE_BRIDGE_SERVE_ACK_TIMEOUT", default=0.5)
     routing_mode: Literal["compatible", "model_affine"] = _env(
         "SYNAPSE_BRIDGE_ROUTING_MODE", default="compatible"
     )
@@ -252,6 +256,7 @@ class Settings(BaseSettings):
         "model_max_wait_s",
         "model_turn_wait_s",
         "deferred_resubmits",
+        "serve_ack_timeout_s",
     )
     @classmethod
     def _not_negative(cls, v: float) -> float:

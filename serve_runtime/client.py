@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import httpx
+import structlog
 
 from config import Settings, get_settings
 from config.errors import DeadlineExceeded
@@ -30,12 +31,15 @@ from serve_runtime.errors import (
     ServeTransientError,
 )
 from serve_runtime.http_pool import ShardedTransport
+from serve_runtime.receipt import EXPECT_HEADER, ReceiptBackend, is_unacknowledged
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
     ModelKey,
     create_serve_multiplexed_model_id,
 )
+
+log = structlog.get_logger("serve_runtime.client")
 
 
 class ServeClient:
@@ -45,6 +49,12 @@ class ServeClient:
         self.settings = settings or get_settings()
         self.base_url = (base_url or self.settings.serve_url).rstrip("/")
         s = self.settings
+        limits = httpx.Limits(
+            max_connections=s.serve_max_connections,
+            max_keepalive_connections=s.serve_max_connections,
+        )
+        # Whether the proxy acknowledges requests, and how many went unacknowledged.
+        self.receipt = ReceiptBackend(s.serve_ack_timeout_s)
         self._http = httpx.Client(
             timeout=httpx.Timeout(
                 connect=s.serve_connect_timeout_s,
@@ -52,12 +62,9 @@ class ServeClient:
                 write=s.serve_read_timeout_s,
                 pool=s.serve_connect_timeout_s,
             ),
-            transport=ShardedTransport(  # one big httpcore pool costs O(connections^2)
-                httpx.Limits(
-                    max_connections=s.serve_max_connections,
-                    max_keepalive_connections=s.serve_max_connections,
-                )
-            ),
+            # One big httpcore pool costs O(connections^2) per request: shards. Their
+            # connections report whether the proxy acknowledged each request.
+            transport=ShardedTransport(limits, network_backend=self.receipt),
         )
 
     def close(self) -> None:
@@ -220,7 +227,17 @@ class ServeClient:
                 pool=min(s.serve_connect_timeout_s, left),
             )
         try:
-            response = self._http.request(method.upper(), url, headers=headers, **extra)
+            try:
+                response = self._http.request(
+                    method.upper(), url, headers=headers | EXPECT_HEADER, **extra
+                )
+            except httpx.ReadTimeout as e:
+                if not is_unacknowledged(e):
+                    raise
+                # The proxy never read it (issue 13): its connection is closed; send it
+                # again now, unbounded, so a busy proxy costs one bound at most.
+                log.warning("serve_call_unacknowledged", route=route_prefix, detail=str(e))
+                response = self._http.request(method.upper(), url, headers=headers, **extra)
         except httpx.TimeoutException as e:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(

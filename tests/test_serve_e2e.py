@@ -180,6 +180,16 @@ def test_model_affine_routing(example_app: Any) -> None:
     assert result["predictions"] == ["setosa", "virginica", "versicolor"]
 
 
+def test_the_proxy_acknowledges_requests(example_app: Any) -> None:
+    """Ray's proxy answers Expect with 100 Continue: the receipt bound is armed (issue 13)."""
+    c = client()
+    assert not c.receipt.server_acks
+    result = call(c, example_app, {"inputs": ROWS}, model=12, user="alice")
+    assert result["predictions"] == ["setosa", "virginica", "versicolor"]
+    assert c.receipt.server_acks
+    assert c.receipt.unacknowledged == 0
+
+
 def _raw(example_app: Any, serve_env: dict[str, str], headers: dict[str, str]) -> httpx.Response:
     url = f"{serve_env['SYNAPSE_SERVE_URL']}{example_app.route_prefix}/"
     return httpx.post(url, json={"inputs": ROWS}, headers=headers, timeout=30)
