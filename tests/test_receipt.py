@@ -170,3 +170,15 @@ def test_the_bound_follows_the_receipt_time_never_under_the_floor() -> None:
     assert calm.unacknowledged == 1
     assert calm.bound() > ACK_TIMEOUT_S  # backs off after a miss
     assert ReceiptBackend(0).bound() is None
+
+
+def test_a_proxy_that_misses_receipts_often_gets_no_second_copies() -> None:
+    busy = ReceiptBackend(ACK_TIMEOUT_S)
+    for _ in range(ReceiptBackend.OVERLOADED_MISSES - 1):
+        busy.missed(busy.bound() or 0)
+    assert busy.bound() is not None  # a few misses: still lost requests, worth re-sending
+    busy.missed(busy.bound() or 0)
+    assert busy.bound() is None  # overloaded: a re-send would only add to its load
+    for _ in range(ReceiptBackend.RECENT):
+        busy.observe(0.002)
+    assert busy.bound() == ACK_TIMEOUT_S  # the misses have left the window
