@@ -83,7 +83,20 @@ class ServeClient:
     ) -> dict[str, str]:
         """The multiplexing headers for one call, in the configured routing mode."""
         s = self.settings
-        jwt_token = create_serve_multiplexed_model_id(
+        jwt_token = self.model_token(
+            model=model, token=token, tenant=tenant, backend_url=backend_url
+        )
+        if s.routing_mode == "model_affine":
+            key = ModelKey(tenant=tenant, model=str(model), version=version)
+            return {MODEL_TOKEN_HEADER: str(key), AFFINE_TOKEN_HEADER: jwt_token}
+        return {MODEL_TOKEN_HEADER: jwt_token}
+
+    def model_token(
+        self, *, model: int | str, token: str, tenant: str | None, backend_url: str | None = None
+    ) -> str:
+        """The SDK's model JWT for one caller (``create_serve_multiplexed_model_id``)."""
+        s = self.settings
+        return create_serve_multiplexed_model_id(
             model,
             token,
             backend_url or s.require_backend_url(),
@@ -91,10 +104,6 @@ class ServeClient:
             signing_key=s.signing_key.get_secret_value() if s.signing_key else None,
             ttl_s=s.token_ttl_s,
         )
-        if s.routing_mode == "model_affine":
-            key = ModelKey(tenant=tenant, model=str(model), version=version)
-            return {MODEL_TOKEN_HEADER: str(key), AFFINE_TOKEN_HEADER: jwt_token}
-        return {MODEL_TOKEN_HEADER: jwt_token}
 
     # -- calls
 
@@ -127,25 +136,34 @@ class ServeClient:
         bodies: list[Any],
         *,
         model: int | str,
-        token: str,
+        tokens: list[str],
         tenant: str | None = None,
         version: str | None = None,
         backend_url: str | None = None,
         deadline: float | None = None,
     ) -> list[Any]:
-        """One coalesced call (``serve_runtime.coalesced``) for one caller and model.
+        """One coalesced call (``serve_runtime.coalesced``): ``bodies[i]`` on behalf of
+        the caller whose access token is ``tokens[i]``, all for one model.
 
         Returns, per body and in order, its result, ``Pending`` or the ``ServeError``
         it met; raises a ``ServeError`` when the call as a whole failed.
         """
+        if len(tokens) != len(bodies):
+            raise ValueError(f"{len(bodies)} bodies need {len(bodies)} tokens, not {len(tokens)}")
         headers = self.model_headers(
-            model=model, token=token, tenant=tenant, version=version, backend_url=backend_url
+            model=model, token=tokens[0], tenant=tenant, version=version, backend_url=backend_url
         )
+        callers: dict[str, int] = {}  # one model token per caller, not per item
+        for token in tokens:
+            callers.setdefault(token, len(callers))
+        jwts = [
+            self.model_token(model=model, token=t, tenant=tenant, backend_url=backend_url)
+            for t in callers
+        ]
+        content = encode_items(jwts, [callers[t] for t in tokens], bodies)
         headers[ITEMS_HEADER] = str(len(bodies))
         headers["content-type"] = "application/json"
-        data = self._request(
-            "post", route_prefix, None, headers, deadline, content=encode_items(bodies)
-        )
+        data = self._request("post", route_prefix, None, headers, deadline, content=content)
         return parse_items(data, len(bodies), route_prefix)
 
     def poll(

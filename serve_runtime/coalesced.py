@@ -3,13 +3,16 @@
 Each request through Serve's proxy costs ~11 ms of CPU on the serving path whatever
 it carries, so the worker sends the queued jobs of one model as one call. The wire:
 
-* request: ``POST {route_prefix}/`` with the header ``synapse-items: <n>`` and a JSON
-  array of ``n`` bodies, each what a single call would send;
+* request: ``POST {route_prefix}/`` with the header ``synapse-items: <n>``, the
+  multiplexing headers of a single call (for routing), and the body
+  ``{"callers": [<model JWT>, ...], "items": [{"caller": <index>, "body": <json>}, ...]}``:
+  each item is what a single call would send, on behalf of its own caller, so jobs of
+  many users of one model share a call and each is still authorized as its own;
 * answer: ``200 {"items": [{"status": <int>, "body": <json>}, ...]}``, in order: each
   item answered exactly as a single call with that body would have been (an error, a
   deferred ticket, a result);
-* a malformed call (not an array, a count that does not match, over ``MAX_ITEMS``) is
-  a ``400`` with code ``invalid_items``.
+* a malformed call (a count that does not match, over ``MAX_ITEMS``, an item naming
+  no caller) is a ``400`` with code ``invalid_items``.
 
 On the replica, ``CoalescedCalls`` (ASGI middleware on every plugin's app) runs each
 item through the plugin's own endpoint, concurrently, so authorization, validation,
@@ -23,11 +26,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from config.settings import MAX_COALESCED_ITEMS as MAX_ITEMS
 from serve_runtime.batcher import Arrivals
+from serve_runtime.tokens import AFFINE_TOKEN_HEADER, MODEL_TOKEN_HEADER, looks_like_jwt
+
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 ITEMS_HEADER = "synapse-items"
 INVALID_ITEMS = "invalid_items"  # the error code of a malformed coalesced call
@@ -60,8 +67,10 @@ def arrivals_for_batcher() -> Arrivals | None:
     return arrivals
 
 
-def encode_items(bodies: list[Any]) -> bytes:
-    return json.dumps(bodies, separators=(",", ":")).encode()
+def encode_items(callers: list[str], caller_of: list[int], bodies: list[Any]) -> bytes:
+    """The body of a coalesced call: item ``i`` is ``bodies[i]`` for ``callers[caller_of[i]]``."""
+    items = [{"caller": c, "body": b} for c, b in zip(caller_of, bodies, strict=True)]
+    return json.dumps({"callers": callers, "items": items}, separators=(",", ":")).encode()
 
 
 class CoalescedCalls:
@@ -87,8 +96,10 @@ class CoalescedCalls:
             await _respond(send, 400, json.dumps({"detail": detail}).encode())
             return
         arrivals = Arrivals(len(items))
+        token_header = _token_header(scope)
         answers = await asyncio.gather(
-            *(self._one(scope, item, arrivals) for item in items), return_exceptions=True
+            *(self._one(scope, token_header, item, arrivals) for item in items),
+            return_exceptions=True,
         )
         parts = []
         for answer in answers:
@@ -98,14 +109,19 @@ class CoalescedCalls:
             parts.append(b'{"status":%d,"body":%s}' % (status, payload))
         await _respond(send, 200, b'{"items":[' + b",".join(parts) + b"]}")
 
-    async def _one(self, scope: Scope, item: bytes, arrivals: Arrivals) -> tuple[int, bytes]:
-        """One item through the app, as a request of its own; (status, JSON payload)."""
+    async def _one(
+        self, scope: Scope, token_header: bytes, item: tuple[bytes, bytes], arrivals: Arrivals
+    ) -> tuple[int, bytes]:
+        """One item through the app, as a request of its own, with its own caller's
+        model token; (status, JSON payload)."""
+        caller, body = item
         headers = [
             (k, v)
             for k, v in scope["headers"]
-            if k not in (ITEMS_HEADER.encode(), b"content-length")
+            if k not in (ITEMS_HEADER.encode(), b"content-length", token_header)
         ]
-        headers.append((b"content-length", str(len(item)).encode()))
+        headers.append((token_header, caller))
+        headers.append((b"content-length", str(len(body)).encode()))
         sub_scope = {**scope, "headers": headers}
         sent_body = False
         response: dict[str, Any] = {"status": 500, "chunks": [], "json": False}
@@ -115,7 +131,7 @@ class CoalescedCalls:
             nonlocal sent_body
             if not sent_body:
                 sent_body = True
-                return {"type": "http.request", "body": item, "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             await never.wait()  # the item has no disconnect of its own
             return {"type": "http.disconnect"}
 
@@ -158,7 +174,17 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(count: bytes, body: bytes) -> list[bytes]:
+def _token_header(scope: Scope) -> bytes:
+    """Where a caller's model token travels: the multiplexing header itself in the
+    compatible mode (it is the JWT), its own header in the model-affine mode."""
+    mux = next((v for k, v in scope["headers"] if k == MODEL_TOKEN_HEADER.encode()), b"")
+    if looks_like_jwt(mux.decode("latin-1")):
+        return MODEL_TOKEN_HEADER.encode()
+    return AFFINE_TOKEN_HEADER.encode()
+
+
+def _parse(count: bytes, body: bytes) -> list[tuple[bytes, bytes]]:
+    """A coalesced call's items: (the caller's model token, the item's JSON body)."""
     try:
         n = int(count)
     except ValueError:
@@ -166,13 +192,32 @@ def _parse(count: bytes, body: bytes) -> list[bytes]:
     if not 1 <= n <= MAX_ITEMS:
         raise ValueError(f"{ITEMS_HEADER} must be 1 to {MAX_ITEMS}, not {n}")
     try:
-        items = json.loads(body)
+        data = json.loads(body)
     except ValueError:
-        raise ValueError("a coalesced call's body must be a JSON array") from None
+        raise ValueError("a coalesced call's body must be JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a coalesced call's body must be an object, not {type(data).__name__}")
+    callers, items = data.get("callers"), data.get("items")
+    if not isinstance(callers, list) or not 1 <= len(callers) <= n:
+        raise ValueError(f"callers must be a list of 1 to {n} model tokens")
+    if not all(isinstance(c, str) and len(c) <= 8192 and _JWT.fullmatch(c) for c in callers):
+        raise ValueError("each of callers must be a model token (a JWT)")
     if not isinstance(items, list) or len(items) != n:
-        got = f"{len(items)} items" if isinstance(items, list) else type(items).__name__
+        got = f"{len(items)} items" if isinstance(items, list) else "no list of items"
         raise ValueError(f"{ITEMS_HEADER} says {n} items; the body holds {got}")
-    return [json.dumps(item, separators=(",", ":")).encode() for item in items]
+    out = []
+    for i, item in enumerate(items):
+        caller = item.get("caller") if isinstance(item, dict) else None
+        if (
+            not isinstance(caller, int)
+            or isinstance(caller, bool)
+            or not 0 <= caller < len(callers)
+        ):
+            raise ValueError(f"item {i} names no caller (an index into callers)")
+        out.append(
+            (callers[caller].encode(), json.dumps(item.get("body"), separators=(",", ":")).encode())
+        )
+    return out
 
 
 async def _respond(send: Send, status: int, payload: bytes) -> None:

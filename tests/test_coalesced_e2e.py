@@ -7,6 +7,7 @@ model and caller, and every job is still written once.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,11 @@ from tests.fault_kit import (
 )
 from tests.test_serve_e2e import client, stats
 
-KW = {"model": 12, "token": TOKENS["alice"], "tenant": "acme"}
+KW = {"model": 12, "tenant": "acme"}
+
+
+def alice(n: int) -> dict[str, Any]:
+    return {**KW, "tokens": [TOKENS["alice"]] * n}
 
 
 def batch_sizes(app: Any) -> dict[int, int]:
@@ -50,9 +55,12 @@ def test_each_item_is_answered_as_its_own_call_would_be_in_one_device_batch(
 ) -> None:
     c = client()
     rows = [ROWS[i % 3] for i in range(20)]
-    singles = [c.infer(example_app.route_prefix, {"inputs": [r]}, **KW) for r in rows[:3]]
+    singles = [
+        c.infer(example_app.route_prefix, {"inputs": [r]}, token=TOKENS["alice"], **KW)
+        for r in rows[:3]
+    ]
     before = batch_sizes(example_app)
-    answers = c.infer_many(example_app.route_prefix, [{"inputs": [r]} for r in rows], **KW)
+    answers = c.infer_many(example_app.route_prefix, [{"inputs": [r]} for r in rows], **alice(20))
     assert [a["predictions"] for a in answers] == [[EXPECTED[i % 3]] for i in range(20)]
     assert answers[:3] == singles
     assert grown(before, batch_sizes(example_app)) == {20: 1}  # 20 items, one device call
@@ -62,28 +70,35 @@ def test_a_bad_item_gets_its_own_error_and_the_others_their_results(example_app:
     c = client()
     bodies: list[Any] = [{"inputs": [ROWS[0]]}, {"inputs": "not rows"}, {"inputs": [ROWS[1]]}]
     bodies.append(["not", "an", "object"])  # refused by the endpoint's own validation
-    answers = c.infer_many(example_app.route_prefix, bodies, **KW)
+    answers = c.infer_many(example_app.route_prefix, bodies, **alice(4))
     assert answers[0]["predictions"] == ["setosa"] and answers[2]["predictions"] == ["virginica"]
     assert isinstance(answers[1], ServeClientError) and answers[1].status_code in (400, 422)
     assert isinstance(answers[3], ServeClientError) and answers[3].status_code == 422
 
 
-def test_a_caller_without_access_is_refused_for_every_item(example_app: Any) -> None:
+def test_each_item_is_authorized_as_its_own_caller(example_app: Any) -> None:
+    # Model 13 is granted to alice only; carol (same tenant) and eve (another) share her
+    # call and are refused, each alone, never served from her authorization.
+    tokens = [TOKENS["alice"], TOKENS["eve"], TOKENS["alice"], TOKENS["carol"]]
     answers = client().infer_many(
         example_app.route_prefix,
-        [{"inputs": [ROWS[0]]}] * 3,
-        model=12,
-        token=TOKENS["eve"],
+        [{"inputs": [ROWS[0]]}] * 4,
+        model=13,
         tenant="acme",
+        tokens=tokens,
     )
-    assert all(isinstance(a, ServeClientError) and a.status_code == 403 for a in answers)
+    assert answers[0]["predictions"] == answers[2]["predictions"] == ["setosa"]
+    for refused in (answers[1], answers[3]):
+        assert isinstance(refused, ServeClientError) and refused.status_code in (401, 403)
 
 
 def test_slow_failing_and_quick_items_each_keep_their_own_outcome(probe_app: Any) -> None:
     c = client()
     kw = {"model": 22, "token": TOKENS["alice"], "tenant": "acme"}
     bodies = [{"tag": "a"}, {"sleep_s": 1.5, "tag": "slow"}, {"respond": "http_500"}, {"tag": "b"}]
-    quick, slow, broken, other = c.infer_many(probe_app.route_prefix, bodies, **kw)
+    quick, slow, broken, other = c.infer_many(
+        probe_app.route_prefix, bodies, model=22, tenant="acme", tokens=[TOKENS["alice"]] * 4
+    )
     assert quick["echo"]["tag"] == "a" and other["echo"]["tag"] == "b"
     assert isinstance(broken, ServeServerError) and broken.status_code == 500
     assert isinstance(slow, Pending)  # deferred like a single call: polled as usual
@@ -102,25 +117,42 @@ def test_slow_failing_and_quick_items_each_keep_their_own_outcome(probe_app: Any
     assert result["echo"]["tag"] == "slow"
 
 
+def _jwt() -> str:
+    return client().model_token(model=12, token=TOKENS["alice"], tenant="acme")
+
+
+def _items(n: int, caller: int = 0) -> list[dict[str, Any]]:
+    return [{"caller": caller, "body": {"inputs": [ROWS[0]]}} for _ in range(n)]
+
+
 @pytest.mark.parametrize(
     ("count_header", "body", "problem"),
     [
-        ("3", b'[{"a": 1}, {"a": 2}]', "says 3 items; the body holds 2 items"),
-        ("1", b'{"a": 1}', "holds dict"),
-        ("1000", b"[]", "must be 1 to 256"),
-        ("two", b"[]", "must be a number"),
-        ("1", b"[{not json", "must be a JSON array"),
+        ("3", lambda: {"callers": [_jwt()], "items": _items(2)}, "says 3 items; the body holds 2"),
+        ("1", lambda: [{"inputs": [ROWS[0]]}], "must be an object, not list"),
+        ("1000", lambda: {"callers": [_jwt()], "items": []}, "must be 1 to 256"),
+        ("two", lambda: {}, "must be a number"),
+        ("1", lambda: b"{not json", "must be JSON"),
+        ("1", lambda: {"callers": ["not a token"], "items": _items(1)}, "must be a model token"),
+        (
+            "1",
+            lambda: {"callers": [_jwt()], "items": _items(1, caller=5)},
+            "item 0 names no caller",
+        ),
+        ("1", lambda: {"callers": [], "items": _items(1)}, "callers must be a list of 1 to 1"),
     ],
 )
 def test_a_malformed_coalesced_call_is_400_naming_what_is_wrong(
-    example_app: Any, count_header: str, body: bytes, problem: str
+    example_app: Any, count_header: str, body: Any, problem: str
 ) -> None:
     c = client()
-    headers = c.model_headers(
-        model=12, token=TOKENS["alice"], tenant="acme", backend_url=c.settings.backend_url
-    )
+    headers = c.model_headers(model=12, token=TOKENS["alice"], tenant="acme")
     url = f"{c.base_url}{example_app.route_prefix}/"
-    r = httpx.post(url, content=body, headers={**headers, ITEMS_HEADER: count_header}, timeout=30)
+    raw = body()
+    content = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+    r = httpx.post(
+        url, content=content, headers={**headers, ITEMS_HEADER: count_header}, timeout=30
+    )
     assert r.status_code == 400
     assert r.json()["detail"]["code"] == "invalid_items"
     assert problem in r.json()["detail"]["message"]

@@ -2,7 +2,7 @@
 
 Every job is still its own Celery task with its own steps, settle, retries and ack
 (``worker.tasks``); only its serve call is shared. A task thread that reaches its
-call joins the open group of its *lane* (route, caller, model) and waits for its own
+call joins the open group of its *lane* (route, tenant, model) and waits for its own
 item's answer:
 
 * the first job of a group leads it: when no call of its lane is in flight it sends
@@ -19,7 +19,8 @@ item's answer:
   job; a call that fails as a whole gives each job that error, classified as usual
   (transient: each job retries on its own).
 
-A lane is keyed by the caller's token too: a call is authorized as one caller.
+Jobs of many callers share a call: each item carries its own caller's model token and
+is authorized as that caller on the replica, as a single call would be.
 A group's call lasts until its latest job's deadline; a job whose own deadline comes
 first stops waiting then (its time limit), except the leader, who sends the call and
 waits for it.
@@ -30,7 +31,6 @@ message is unacked and delivered again.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from concurrent.futures import Future
@@ -56,24 +56,23 @@ SINGLES_RECHECK_S = 60.0
 
 @dataclass(frozen=True)
 class Lane:
-    """Jobs that may share a call: one route, one caller, one model."""
+    """Jobs that may share a call: one route (deployment and release), one model."""
 
     route_prefix: str
     tenant: str | None
     model: int | str
-    token_sha: str  # the token itself is kept in the group, never in a key
 
 
 @dataclass
 class _Item:
     body: Any
+    token: str  # its caller's: each item is authorized as its own caller
     deadline: float | None
     answer: Future[Any] = field(default_factory=Future)
 
 
 @dataclass
 class _Group:
-    token: str
     items: list[_Item] = field(default_factory=list)
     closed: threading.Event = field(default_factory=threading.Event)
 
@@ -111,20 +110,20 @@ class Coalescer:
             return self.serve.infer(
                 route_prefix, body, model=model, token=token, tenant=tenant, deadline=deadline
             )
-        lane = Lane(route_prefix, tenant, model, hashlib.sha256(token.encode()).hexdigest())
-        item = _Item(body, deadline)
+        lane = Lane(route_prefix, tenant, model)
+        item = _Item(body, token, deadline)
         with self._lock:
             state = self._lanes.setdefault(lane, _LaneState())
             group = state.open
             leader = group is None
             if group is None:
-                group = state.open = _Group(token)
+                group = state.open = _Group()
             group.items.append(item)
             if len(group.items) >= self.max_items or (leader and state.in_flight == 0):
                 self._close(state, group)
         if leader:
             self._lead(lane, group)
-        return self._answer(lane, token, item)
+        return self._answer(lane, item)
 
     def _close(self, state: _LaneState, group: _Group) -> None:
         """No job joins ``group`` any more; it counts as in flight from here (the lock
@@ -165,19 +164,22 @@ class Coalescer:
         metrics.COALESCED_ITEMS.observe(len(items))
         deadlines = [i.deadline for i in items]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
-        kw: dict[str, Any] = {
-            "model": lane.model,
-            "token": group.token,
-            "tenant": lane.tenant,
-            "deadline": deadline,
-        }
+        kw: dict[str, Any] = {"model": lane.model, "tenant": lane.tenant, "deadline": deadline}
         try:
             if len(items) == 1:
-                answers: list[Any] = [self.serve.infer(lane.route_prefix, items[0].body, **kw)]
+                one = items[0]
+                answers: list[Any] = [
+                    self.serve.infer(lane.route_prefix, one.body, token=one.token, **kw)
+                ]
             elif self._single_only(lane.route_prefix):
                 answers = [ALONE] * len(items)  # each job's thread sends its own call
             else:
-                answers = self.serve.infer_many(lane.route_prefix, [i.body for i in items], **kw)
+                answers = self.serve.infer_many(
+                    lane.route_prefix,
+                    [i.body for i in items],
+                    tokens=[i.token for i in items],
+                    **kw,
+                )
         except ServeClientError as e:
             if len(items) == 1 or e.code == INVALID_ITEMS:
                 answers = [e] * len(items)
@@ -207,7 +209,7 @@ class Coalescer:
         self._singles_until.pop(route_prefix, None)  # try a coalesced call again
         return False
 
-    def _answer(self, lane: Lane, token: str, item: _Item) -> Any:
+    def _answer(self, lane: Lane, item: _Item) -> Any:
         timeout = None if item.deadline is None else max(0.0, item.deadline - time.monotonic())
         try:
             answer = item.answer.result(timeout=timeout)
@@ -220,7 +222,7 @@ class Coalescer:
                 lane.route_prefix,
                 item.body,
                 model=lane.model,
-                token=token,
+                token=item.token,
                 tenant=lane.tenant,
                 deadline=item.deadline,
             )
