@@ -39,7 +39,8 @@ def test_header_middleware_only_on_a_subclasses_own_app() -> None:
             return body
 
     assert own.state.synapse_headers is True
-    assert len(own.user_middleware) == 1
+    # Once each: the coalesced-call fan-out outermost, then the header capture.
+    assert [m.cls.__name__ for m in own.user_middleware] == ["CoalescedCalls", "_CaptureHeaders"]
     assert BaseServeDeployment.app.user_middleware == []
     assert not getattr(BaseServeDeployment.app.state, "synapse_headers", False)
 
