@@ -148,7 +148,7 @@ WORKLOADS: dict[str, Workload] = {
         "the simulated accelerator of W2 (1 replica, batches of at most 32), 4 models, "
         "8 tenants, model-affine routing; open-loop offered load at rising rates, each "
         "held a fixed time; the peer, and the bridge with coalescing off and at waits "
-        "of 2, 10 and 50 ms (at most 32 items)",
+        "of 10, 100 (the default) and 500 ms (at most 32 items, 2 calls per model in flight)",
     ),
 }
 
@@ -938,9 +938,9 @@ def w5(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
 CURVE_SYSTEMS: list[tuple[str, str, int | None, float | None]] = [
     ("peer", "peer", None, None),
     ("bridge-off", "bridge (coalescing off)", 1, None),
-    ("bridge-wait2ms", "bridge (wait 2 ms)", 32, 0.002),
     ("bridge-wait10ms", "bridge (wait 10 ms)", 32, 0.01),
-    ("bridge-wait50ms", "bridge (wait 50 ms)", 32, 0.05),
+    ("bridge-wait100ms", "bridge (wait 100 ms, default)", 32, 0.1),
+    ("bridge-wait500ms", "bridge (wait 500 ms)", 32, 0.5),
 ]
 
 
@@ -1107,5 +1107,5 @@ SYSTEMS = {
     "W3": "bridge (compatible, model_affine, sdk_like)",
     "W4": "direct, peer, bridge (sequential)",
     "W5": "bridge",
-    "W6": "peer, bridge (coalescing off, wait 2 / 10 / 50 ms), open loop at rising rates",
+    "W6": "peer, bridge (coalescing off, wait 10 / 100 / 500 ms), open loop at rising rates",
 }

@@ -152,12 +152,14 @@ class Settings(BaseSettings):
     # A deferred job whose ticket is lost (not_found) is submitted again at most this
     # often, then FAILED: lost work is not recomputed without end.
     deferred_resubmits: int = _env("SYNAPSE_BRIDGE_DEFERRED_RESUBMITS", default=3)
-    # Coalescing: the queued single jobs of one model (and caller) go to Serve as one
-    # call of up to this many items (1: every job its own call). A job sent while no
-    # call for its model is in flight goes at once; else it waits up to COALESCE_WAIT
-    # seconds for company (bench W6 plots throughput against latency by wait).
+    # Coalescing (worker/coalesce.py): the queued single jobs of one model go to Serve
+    # as one call of up to COALESCE_MAX_ITEMS (1: every job its own call). While its
+    # model has fewer than COALESCE_CALLS calls in flight a job goes at once; else it
+    # waits for a call to be answered, at most COALESCE_WAIT seconds (bench W6 plots
+    # throughput against latency by wait).
     coalesce_max_items: int = _env("SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS", default=32)
-    coalesce_wait_s: float = _env("SYNAPSE_BRIDGE_COALESCE_WAIT", default=0.01)
+    coalesce_calls: int = _env("SYNAPSE_BRIDGE_COALESCE_CALLS", default=2)
+    coalesce_wait_s: float = _env("SYNAPSE_BRIDGE_COALESCE_WAIT", default=0.1)
     batch_chunk_size: int = _env("SYNAPSE_BRIDGE_BATCH_CHUNK_SIZE", default=16)
     batch_max_items: int = _env("SYNAPSE_BRIDGE_BATCH_MAX_ITEMS", default=10_000)
     batch_item_failure: Literal["partial", "fail"] = _env(
@@ -236,6 +238,7 @@ class Settings(BaseSettings):
         "batch_chunk_size",
         "batch_max_items",
         "coalesce_max_items",
+        "coalesce_calls",
         "progress_interval_s",
         "outbox_flush_interval_s",
         "intake_interval_s",

@@ -101,6 +101,20 @@ def test_jobs_arriving_while_a_call_is_in_flight_share_the_next_call(pool: Any) 
     assert len(serve.calls) == 4  # the last 4 waited for the lane, then went together
 
 
+def test_a_lane_keeps_at_most_its_calls_in_flight(pool: Any) -> None:
+    serve = Serve()
+    c = Coalescer(serve, max_items=32, wait_s=30.0, max_calls=2)
+    serve.gate.clear()
+    first, second = pool.submit(call, c, 0), pool.submit(call, c, 1)
+    until(lambda: len(serve.calls) == 2)  # two calls in flight: both went at once
+    rest = [pool.submit(call, c, n) for n in range(2, 12)]
+    until(lambda: sum(len(s.items) for s in [c._lanes[k].open for k in c._lanes] if s) == 10)
+    assert len(serve.calls) == 2  # the others wait for a free call, not 30 s
+    serve.gate.set()
+    assert [f.result(5) for f in (first, second, *rest)] == [{"echo": n} for n in range(12)]
+    assert sorted(len(x) for x in serve.calls) == [1, 1, 10]
+
+
 def test_a_group_waits_at_most_the_coalescing_wait(pool: Any) -> None:
     serve = Serve()
     c = Coalescer(serve, max_items=32, wait_s=0.05)

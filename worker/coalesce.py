@@ -5,11 +5,13 @@ Every job is still its own Celery task with its own steps, settle, retries and a
 call joins the open group of its *lane* (route, tenant, model) and waits for its own
 item's answer:
 
-* the first job of a group leads it: when no call of its lane is in flight it sends
-  the group at once (a lone job at idle waits for nothing); otherwise it waits up to
-  ``SYNAPSE_BRIDGE_COALESCE_WAIT`` for company, or until the group holds
-  ``SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS`` items, or until the lane's calls are all
-  answered, then sends it;
+* the first job of a group leads it: while its lane has fewer than
+  ``SYNAPSE_BRIDGE_COALESCE_CALLS`` calls in flight it sends the group at once (a lone
+  job at idle waits for nothing); otherwise the group takes company until a call of
+  the lane is answered, until it holds ``SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS`` items, or
+  for at most ``SYNAPSE_BRIDGE_COALESCE_WAIT``, then goes. Under load a lane keeps a
+  few large calls in flight, not many small ones: each waiting job costs at most one
+  call's time, as a device batch does;
 * a group of one is sent as today's single body; larger ones as one coalesced call
   (``serve_runtime.coalesced``);
 * an endpoint that refuses a coalesced call as a whole with a 4xx other than
@@ -86,10 +88,13 @@ class _LaneState:
 class Coalescer:
     """Shares serve calls between the task threads of one worker process."""
 
-    def __init__(self, serve: ServeClient, *, max_items: int, wait_s: float) -> None:
+    def __init__(
+        self, serve: ServeClient, *, max_items: int, wait_s: float, max_calls: int = 1
+    ) -> None:
         self.serve = serve
         self.max_items = max_items
         self.wait_s = wait_s
+        self.max_calls = max_calls
         self._lanes: dict[Lane, _LaneState] = {}
         self._lock = threading.Lock()
         self._singles_until: dict[str, float] = {}  # routes that refused a coalesced call
@@ -119,7 +124,7 @@ class Coalescer:
             if group is None:
                 group = state.open = _Group()
             group.items.append(item)
-            if len(group.items) >= self.max_items or (leader and state.in_flight == 0):
+            if len(group.items) >= self.max_items or (leader and state.in_flight < self.max_calls):
                 self._close(state, group)
         if leader:
             self._lead(lane, group)
@@ -146,11 +151,10 @@ class Coalescer:
         finally:
             with self._lock:
                 state.in_flight -= 1
-                if state.in_flight == 0:
-                    if state.open is None:
-                        del self._lanes[lane]
-                    else:  # the lane is idle now: the waiting group need wait no longer
-                        self._close(state, state.open)
+                if state.open is not None and state.in_flight < self.max_calls:
+                    self._close(state, state.open)  # a call slot is free: the group goes now
+                elif state.in_flight == 0 and state.open is None:
+                    del self._lanes[lane]
             for item in group.items:  # whatever happened, no job waits for ever
                 if not item.answer.done():
                     item.answer.set_exception(

@@ -59,7 +59,12 @@ class Services:
             redis=r,
             backend=backend,
             serve=serve,
-            coalescer=Coalescer(serve, max_items=s.coalesce_max_items, wait_s=s.coalesce_wait_s),
+            coalescer=Coalescer(
+                serve,
+                max_items=s.coalesce_max_items,
+                wait_s=s.coalesce_wait_s,
+                max_calls=s.coalesce_calls,
+            ),
             writeback=WriteBack(backend, r, s),
             ledger=Ledger(r, grace_s=float(s.visibility_timeout_s)),
             marks=RunningMarks(s.running_mark_after_s),
