@@ -246,9 +246,8 @@ class ServeClient:
             )
         try:
             try:
-                response = self._http.request(
-                    method.upper(), url, headers=headers | EXPECT_HEADER, **extra
-                )
+                first = headers | EXPECT_HEADER if self.receipt.ack_timeout_s > 0 else headers
+                response = self._http.request(method.upper(), url, headers=first, **extra)
             except httpx.ReadTimeout as e:
                 if not is_unacknowledged(e):
                     raise

@@ -37,6 +37,7 @@ class FakeProxy(socketserver.ThreadingTCPServer):
         self.swallow_reused = False  # swallow the next request on a reused connection
         self.delay_s = 0.0  # between the 100 Continue and the answer
         self.answered: list[Any] = []
+        self.expects: list[str] = []  # each request's Expect header ("" without)
         self.swallowed: list[Any] = []
         self.release = threading.Event()  # lets swallowing handlers end at teardown
 
@@ -55,6 +56,7 @@ class Handler(socketserver.StreamRequestHandler):
                 name, _, value = h.decode().partition(":")
                 headers[name.strip().lower()] = value.strip()
             body = json.loads(self.rfile.read(int(headers.get("content-length", "0"))) or "null")
+            self.server.expects.append(headers.get("expect", ""))
             if served and self.server.swallow_reused:
                 self.server.swallow_reused = False
                 self.server.swallowed.append(body)
@@ -182,3 +184,13 @@ def test_a_proxy_that_misses_receipts_often_gets_no_second_copies() -> None:
     for _ in range(ReceiptBackend.RECENT):
         busy.observe(0.002)
     assert busy.bound() == ACK_TIMEOUT_S  # the misses have left the window
+
+
+def test_with_the_receipt_off_no_expect_header_is_sent(proxy: FakeProxy) -> None:
+    host, port = proxy.server_address[:2]
+    off = ServeClient(Settings(serve_url=f"http://{host}:{port}", serve_ack_timeout_s=0))
+    try:
+        assert call(off, 1) == {"echo": {"x": 1}}
+    finally:
+        off.close()
+    assert proxy.expects == [""]
