@@ -106,6 +106,16 @@ def render(rows: list[dict]) -> str:
             f"{row['worker_rss_after_warmup_mb']} MB, peak {row['worker_rss_peak_mb']} MB, "
             f"final {row['worker_rss_final_mb']} MB.",
         ]
+    for row in latest.values():
+        if row.get("serve_calls"):
+            lines += [
+                "",
+                f"{row['scenario']}: coalescing on; the worker's jobs went to Serve in "
+                f"{row['serve_calls']:.0f} calls carrying {row['jobs_in_calls']:.0f} jobs "
+                f"({row['jobs_in_calls'] / row['serve_calls']:.2f} per call)"
+                + (", read just before the kill" if "killed" in row["scenario"] else "")
+                + ".",
+            ]
     notes = [r for r in latest.values() if r.get("note")]
     for row in notes:
         lines += ["", f"{row['scenario']}: {row['note']}"]
