@@ -27,6 +27,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench import harness
+from bench.workloads import RUNNERS, SYSTEMS, WORKLOADS, curve_plan
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 DEFAULT_OUT = ROOT / "bench"
@@ -48,9 +51,6 @@ def command_line(argv: list[str]) -> str:
 
 def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> dict[str, Any]:
     """One workload in this process: its own stack, its result file written."""
-    from bench import harness
-    from bench.workloads import RUNNERS, WORKLOADS
-
     w = WORKLOADS[key]
     jobs, plan = sizes(key, args)
     runner = RUNNERS[key] if plan is None else functools.partial(RUNNERS[key], plan=plan)
@@ -95,8 +95,6 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
 def sizes(key: str, args: argparse.Namespace) -> tuple[int, Any]:
     """Jobs per system, and W6's plan of rates (None for the others): W6 is sized by
     ``--rates``/``--duration``, not ``--jobs``."""
-    from bench.workloads import WORKLOADS, curve_plan
-
     w = WORKLOADS[key]
     if key != "W6":
         return args.jobs or (w.quick_jobs if args.quick else w.full_jobs), None
@@ -121,8 +119,6 @@ def all_succeeded(systems: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_plan(keys: list[str], args: argparse.Namespace) -> None:
-    from bench.workloads import SYSTEMS, WORKLOADS
-
     print("plan:", flush=True)
     for key in keys:
         w = WORKLOADS[key]
