@@ -82,11 +82,15 @@ class ServeClient:
         backend_url: str | None = None,
     ) -> dict[str, str]:
         """The multiplexing headers for one call, in the configured routing mode."""
-        s = self.settings
         jwt_token = self.model_token(
             model=model, token=token, tenant=tenant, backend_url=backend_url
         )
-        if s.routing_mode == "model_affine":
+        return self._routing_headers(jwt_token, model=model, tenant=tenant, version=version)
+
+    def _routing_headers(
+        self, jwt_token: str, *, model: int | str, tenant: str | None, version: str | None
+    ) -> dict[str, str]:
+        if self.settings.routing_mode == "model_affine":
             key = ModelKey(tenant=tenant, model=str(model), version=version)
             return {MODEL_TOKEN_HEADER: str(key), AFFINE_TOKEN_HEADER: jwt_token}
         return {MODEL_TOKEN_HEADER: jwt_token}
@@ -150,9 +154,6 @@ class ServeClient:
         """
         if len(tokens) != len(bodies):
             raise ValueError(f"{len(bodies)} bodies need {len(bodies)} tokens, not {len(tokens)}")
-        headers = self.model_headers(
-            model=model, token=tokens[0], tenant=tenant, version=version, backend_url=backend_url
-        )
         callers: dict[str, int] = {}  # one model token per caller, not per item
         for token in tokens:
             callers.setdefault(token, len(callers))
@@ -160,6 +161,8 @@ class ServeClient:
             self.model_token(model=model, token=t, tenant=tenant, backend_url=backend_url)
             for t in callers
         ]
+        # Routed as the first caller's single call would be.
+        headers = self._routing_headers(jwts[0], model=model, tenant=tenant, version=version)
         content = encode_items(jwts, [callers[t] for t in tokens], bodies)
         headers[ITEMS_HEADER] = str(len(bodies))
         headers["content-type"] = "application/json"

@@ -111,12 +111,10 @@ class Coalescer:
     ) -> Any:
         """As ``ServeClient.infer`` (a POST): the result or ``Pending``; raises a
         ``ServeError`` or ``DeadlineExceeded``."""
-        if self.max_items <= 1:
-            return self.serve.infer(
-                route_prefix, body, model=model, token=token, tenant=tenant, deadline=deadline
-            )
         lane = Lane(route_prefix, tenant, model)
         item = _Item(body, token, deadline)
+        if self.max_items <= 1:
+            return self._alone(lane, item)
         with self._lock:
             state = self._lanes.setdefault(lane, _LaneState())
             group = state.open
@@ -171,10 +169,7 @@ class Coalescer:
         kw: dict[str, Any] = {"model": lane.model, "tenant": lane.tenant, "deadline": deadline}
         try:
             if len(items) == 1:
-                one = items[0]
-                answers: list[Any] = [
-                    self.serve.infer(lane.route_prefix, one.body, token=one.token, **kw)
-                ]
+                answers: list[Any] = [self._alone(lane, items[0])]
             elif self._single_only(lane.route_prefix):
                 answers = [ALONE] * len(items)  # each job's thread sends its own call
             else:
@@ -221,16 +216,18 @@ class Coalescer:
             raise DeadlineExceeded(
                 "no answer to the coalesced call before the time limit"
             ) from None
-        if answer is ALONE:
-            return self.serve.infer(
-                lane.route_prefix,
-                item.body,
-                model=lane.model,
-                token=item.token,
-                tenant=lane.tenant,
-                deadline=item.deadline,
-            )
-        return answer
+        return self._alone(lane, item) if answer is ALONE else answer
+
+    def _alone(self, lane: Lane, item: _Item) -> Any:
+        """``item`` in a call of its own, from its job's thread."""
+        return self.serve.infer(
+            lane.route_prefix,
+            item.body,
+            model=lane.model,
+            token=item.token,
+            tenant=lane.tenant,
+            deadline=item.deadline,
+        )
 
 
 __all__ = ["Coalescer", "Lane"]
