@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
 import pytest
 
+from config import Settings
+from devtools.redis_server import RedisServer
 from tests.conftest import TOKENS, WorkerProcess, wait_for
+from worker.app import create_app
 
 pytestmark = pytest.mark.usefixtures("worker_proc")
 
@@ -470,3 +475,46 @@ def test_rabbitmq_broker_path(admin: Any, worker_env: dict[str, str], session_di
         assert job_id in rabbit_worker.log_path.read_text()  # run by the AMQP worker
     finally:
         rabbit_worker.stop()
+
+
+# A worker whose consumer raises past Celery's connection-error handling, as the
+# Redis transport did after a broker restart (tests/test_redis_transport.py).
+_BROKEN_CONSUMER = """
+import sys
+import worker.consumer as consumer
+
+def create_task_handler(self, *args, **kwargs):
+    def on_message(message):
+        raise AttributeError("broken consumer")
+    return on_message
+
+consumer.QuarantiningConsumer.create_task_handler = create_task_handler
+from worker.cli import main
+sys.argv = ["synapse-bridge", "worker", "-c", "2"]
+main()
+"""
+
+
+def test_an_unrecoverable_consumer_error_exits_the_worker_with_failure(tmp_path: Any) -> None:
+    """Celery logs "Unrecoverable error" and stops; the process must exit non-zero so a
+    supervisor that restarts on failure brings the worker back (it exited 0)."""
+    server = RedisServer(workdir=tmp_path / "redis").start()
+    try:
+        env = {**os.environ, "REDIS_URL": server.url, "SYNAPSE_BRIDGE_METRICS_PORT": "0"}
+        env.pop("BROKER_URL", None)
+        log = (tmp_path / "worker.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BROKEN_CONSUMER], env=env, stdout=log, stderr=log
+        )
+        try:
+            create_app(Settings(redis_url=server.url)).send_task(
+                "synapse.inference.run", kwargs={"job": {"job_id": "j-1"}}, queue="inference"
+            )
+            status = proc.wait(timeout=90)
+        finally:
+            proc.kill()
+        text = (tmp_path / "worker.log").read_text()
+        assert "Unrecoverable error" in text, text[-2000:]
+        assert status == 1, text[-2000:]
+    finally:
+        server.close()

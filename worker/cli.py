@@ -17,9 +17,9 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import click
+from celery.bin.celery import celery as celery_command
 
 from config import configure_logging, get_settings
-from worker.app import app
 from worker.intake import Intake
 
 COMMANDS_GROUP = "synapse_bridge.commands"
@@ -165,7 +165,11 @@ def serve_delete(app_name: str) -> None:
 def worker(
     concurrency: int | None, pool: str, queues: str, loglevel: str, celery_args: tuple[str, ...]
 ) -> None:
-    """Run the Celery worker with our settings (extra arguments go to Celery)."""
+    """Run the Celery worker with our settings (extra arguments go to Celery).
+
+    Exits with Celery's status: after an "Unrecoverable error" that is 1, so a
+    supervisor restarting on failure restarts the worker.
+    """
 
     settings = get_settings()
     # Celery reads "prefork" as "the default" and would use the app's worker_pool
@@ -180,7 +184,9 @@ def worker(
         "--without-gossip",
         *celery_args,
     ]
-    app.worker_main(argv)
+    # As ``celery --app worker.app worker ...`` does, exiting with the worker's status
+    # (``app.worker_main`` drops it).
+    celery_command.main(args=["--app", "worker.app", *argv], prog_name="synapse-bridge")
 
 
 @main.command()
