@@ -23,6 +23,7 @@ from tests.fault_kit import (
     Producer,
     check_results,
     coalesced_calls,
+    count,
     make_jobs,
     record,
     wait_all_final,
@@ -232,6 +233,57 @@ def test_r4_redis_restart(
         elapsed_s=time.monotonic() - started,
         rests_on="AOF with appendfsync always; Celery reconnects (broker_connection_retry);"
         " redis-py retries commands over the restart; unacked messages restored",
+    )
+    assert_exactly_once(admin, jobs, counts)
+
+
+def test_r4_redis_restarted_again_and_again(
+    admin: Any,
+    worker_env: dict[str, str],
+    example_app: Any,
+    fresh_redis: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Eight restarts, each once the worker has made progress since the last, half of
+    them SIGKILL. One restart seldom meets the worker's unluckiest moment (its channel
+    waiting in BRPOP as Redis goes); this met it within 6 restarts before the transport
+    kept its address (tests/test_redis_transport.py), and the worker stopped consuming."""
+    worker = start_workers(worker_env, fresh_redis.url, tmp_path / "worker.log")
+    jobs = make_jobs(admin, N, tag="r4x")
+    started = time.monotonic()
+    producer = Producer(fresh_redis.url, fresh_redis.url)
+    producer.send(jobs)
+    producer.close()
+    restarts = 0
+    try:
+        for i in range(8):
+            done = count(admin, jobs)
+            # After the first, a restart waits for 60 more final jobs: proof that the
+            # worker consumes again; a worker that stopped fails here, naming the restart.
+            target = (done.succeeded + done.failed + (60 if i else 200)) / len(jobs)
+            try:
+                wait_fraction_final(admin, jobs, target, timeout=180)
+            except AssertionError as e:
+                raise AssertionError(f"no progress after restart {i}: {e}") from None
+            if i % 2:
+                fresh_redis.kill()
+            else:
+                fresh_redis.stop()
+            fresh_redis.start()
+            restarts += 1
+        counts = wait_all_final(admin, jobs, timeout=600)
+    finally:
+        worker.stop()
+    record(
+        "R4 broker restarted 8 times (Redis, AOF)",
+        load=f"{N} jobs, 16 threads",
+        faults="redis-server stopped (SIGTERM) or killed (SIGKILL) and restarted 8 times,"
+        " each after the worker had finished 60 more jobs",
+        counts=counts,
+        elapsed_s=time.monotonic() - started,
+        rests_on="as R4, and the transport keeps its broker address after Celery collects"
+        " the connection, so unacked messages are put back and the consumer reconnects",
+        extra={"restarts": restarts},
     )
     assert_exactly_once(admin, jobs, counts)
 
