@@ -7,6 +7,9 @@ locally on the CPU, Serve listens on a free port.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -267,25 +270,32 @@ def _reset_process_singletons() -> None:
 class WorkerProcess:
     """``synapse-bridge worker`` as a real subprocess; its JSON log is kept for scans."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        concurrency: int = 8,
+        *,
+        program: list[str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.concurrency = concurrency
+        self.program = program or [sys.executable, "-m", "worker.cli"]  # then "worker -c N"
+        self.cwd = cwd
         self.proc: Any = None
 
     def start(self) -> WorkerProcess:
-        import subprocess
-        import sys
-
         log = self.log_path.open("ab")
         ready = self.log_path.with_suffix(".ready")
         ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "-c", str(self.concurrency)],
+            [*self.program, "worker", "-c", str(self.concurrency)],
             env={**self.env, "SYNAPSE_BRIDGE_READY_FILE": str(ready)},
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
+            cwd=str(self.cwd),
         )
         wait_for(
             lambda: ready.exists() or self.proc.poll() is not None,
@@ -305,8 +315,6 @@ class WorkerProcess:
                 self.proc.wait(10)
 
     def kill(self) -> None:
-        import signal
-
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
