@@ -43,6 +43,7 @@ from serve_runtime.model_dirs import ReplicaDir
 from serve_runtime.model_routing import ModelRouting
 from serve_runtime.model_store import LoadedModel, ModelStore, identity, identity_key
 from serve_runtime.remote import infer_remote as remote_call
+from serve_runtime.replica_metrics import ExportedStats
 from serve_runtime.tickets import Caller
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
@@ -140,6 +141,7 @@ class BaseServeDeployment(BaseAction):
             auth_ttl_s=settings.auth_cache_ttl_s,
             failure_backoff_s=settings.model_failure_backoff_s,
             on_change=ModelRouting().publish,
+            stats=ExportedStats(),
         )
         self._deferred = DeferredResults(
             self.deferred_deadline_s, keep_s=settings.deferred_keep_s, shared=self._ticket_store

@@ -71,9 +71,16 @@ class LoadedModel:
 
 @dataclass
 class StoreStats:
+    """What the store has done; a subclass may also export each event
+    (``serve_runtime.replica_metrics``)."""
+
     loads: int = 0
     releases: int = 0
     load_failures: int = 0
+
+    def count(self, event: str) -> None:
+        """One more ``event``: a field's name."""
+        setattr(self, event, getattr(self, event) + 1)
 
 
 class ModelStore:
@@ -103,6 +110,7 @@ class ModelStore:
         auth_ttl_s: float = 30.0,
         failure_backoff_s: float = 10.0,
         on_change: Callable[[list[str]], None] | None = None,
+        stats: StoreStats | None = None,
     ):
         if max_models < 1:
             raise ValueError("max_models must be at least 1")
@@ -116,7 +124,7 @@ class ModelStore:
         self.auth_ttl_s = auth_ttl_s
         self.failure_backoff_s = failure_backoff_s
         self.on_change = on_change
-        self.stats = StoreStats()
+        self.stats = stats if stats is not None else StoreStats()
         self._slots: OrderedDict[str, LoadedModel] = OrderedDict()  # LRU order
         self._copies: dict[Ident, LoadedModel] = {}  # in memory: slotted and draining
         self._loading: dict[Ident, asyncio.Task[LoadedModel]] = {}
@@ -259,7 +267,7 @@ class ModelStore:
         self._copies[ident] = entry
         self._slot(key, entry)
         elapsed = time.perf_counter() - started
-        self.stats.loads += 1
+        self.stats.count("loads")
         log.info(
             "model loaded",
             tenant=ident[0],
@@ -270,7 +278,7 @@ class ModelStore:
         return entry
 
     def _remember(self, ident: Ident, error: ModelAccessError) -> None:
-        self.stats.load_failures += 1
+        self.stats.count("load_failures")
         self._failed[ident] = (time.monotonic() + self.failure_backoff_s, error)
         if len(self._failed) > 1000:
             now = time.monotonic()
@@ -377,7 +385,7 @@ class ModelStore:
         task.add_done_callback(self._frees.discard)
 
     async def _free(self, entry: LoadedModel) -> None:
-        self.stats.releases += 1
+        self.stats.count("releases")
         try:
             await self.releaser(entry.model, entry.info)
         except Exception:

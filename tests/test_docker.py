@@ -71,6 +71,9 @@ THIRD_PARTY_ENV = {
     "PIP_DISABLE_PIP_VERSION_CHECK": "pip, in the worker image's build stage only",
     "CELERY_BROKER_URL": "Celery's broker setting, read by the Flower container",
     "FLOWER_PORT": "Flower's own option (FLOWER_ prefix), in the Flower container",
+    "GF_AUTH_ANONYMOUS_ENABLED": "Grafana: the dashboard readable without a login",
+    "GF_AUTH_ANONYMOUS_ORG_ROLE": "Grafana: anonymous users may only view",
+    "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH": "Grafana: the bridge's dashboard as home",
 }
 # Keys of docker/.env.example that only compose interpolates (never a container's env).
 COMPOSE_ONLY_VARS = {
@@ -80,7 +83,11 @@ COMPOSE_ONLY_VARS = {
     "PUBLISH_RAY_DASHBOARD_PORT": "host port for the Ray dashboard",
     "PUBLISH_BACKEND_PORT": "host port for the local backend",
     "PUBLISH_FLOWER_PORT": "host port for Flower",
+    "PUBLISH_PROMETHEUS_PORT": "host port for Prometheus",
+    "PUBLISH_GRAFANA_PORT": "host port for Grafana",
 }
+# Services running a third-party image with its own command (none given in compose).
+THIRD_PARTY_SERVICES = {"flower", "prometheus", "grafana"}
 # Programs of third-party images, with the arguments we allow them.
 REDIS_SERVER_DIRECTIVES = {"appendonly", "appendfsync", "save", "maxmemory", "maxmemory-policy"}
 # Words that may start a simple command inside an `sh -c` string besides our programs.
@@ -723,7 +730,9 @@ def test_compose_commands_exist_in_our_cli(compose: dict[str, Any]) -> None:
         if argv:
             check_argv(argv, f"compose {name}", out)
         elif df is None:
-            assert name == "flower", f"compose {name}: an image whose command we do not know"
+            assert name in THIRD_PARTY_SERVICES, (
+                f"compose {name}: an image whose command we do not know"
+            )
         test = (svc.get("healthcheck") or {}).get("test")
         if isinstance(test, list) and test[:1] == ["CMD"]:
             check_argv(test[1:], f"compose {name} healthcheck", out)

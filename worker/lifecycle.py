@@ -17,7 +17,7 @@ from config import configure_logging
 from worker import metrics
 from worker.app import app
 from worker.broker import queued
-from worker.message import QUEUE, parse_job
+from worker.message import DLQ, INVALID_QUEUE, QUEUE, parse_job
 from worker.sealing import sealer
 from worker.services import Services, services
 from worker.submit import send_message
@@ -43,7 +43,7 @@ def _start(**_: Any) -> None:
     settings = svc.settings
     configure_logging(settings.log_format, settings.log_level)
     sealer(settings)  # a missing or malformed sealing key stops the worker here, named
-    metrics.serve_metrics(settings.metrics_port, [QUEUE], svc.redis)
+    metrics.serve_metrics(settings.metrics_port, [QUEUE, DLQ, INVALID_QUEUE], svc.redis)
 
     def ledger_sweep() -> int:  # named: housekeeping logs name their chores
         return sweep_ledger(svc)
