@@ -17,12 +17,16 @@ from typing import Any
 
 import pytest
 
+from examples.classifier.model import write_model_archive
+from examples.digits.make_model import write_model_archive as write_digits_archive
 from local_backend.client import AdminClient
 from local_backend.server import BackendProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLUGIN = ROOT / "examples" / "classifier"
 PROBE_PLUGIN = ROOT / "tests" / "plugins" / "probe"
+DIGITS_PLUGIN = ROOT / "examples" / "digits"
+DIGITS_MODEL = 40  # the PyTorch example's model (examples.digits)
 
 TOKENS = {
     "alice": "tok-alice-0123456789",
@@ -54,8 +58,6 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_archives(session_dir: Path) -> dict[int, Path]:
-    from examples.classifier.model import write_model_archive
-
     out = {}
     for model_id, seed in {
         12: 0,
@@ -79,6 +81,8 @@ def model_archives(session_dir: Path) -> dict[int, Path]:
         path = session_dir / "archives" / f"model-{model_id}.tar.gz"
         write_model_archive(path, seed=seed, version=1)
         out[model_id] = path
+    out[DIGITS_MODEL] = session_dir / "archives" / f"model-{DIGITS_MODEL}.tar.gz"
+    write_digits_archive(out[DIGITS_MODEL], seed=0, version=1)
     return out
 
 
@@ -122,6 +126,7 @@ def seed_spec(archives: dict[int, Path]) -> dict[str, Any]:
             model(28),
             model(29),
             model(30),  # republished with the same version, new bytes
+            model(DIGITS_MODEL, name="digits"),  # the PyTorch example (tests/test_digits.py)
         ],
     }
 

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from ray import serve
 
 from config import load_settings
 from serve_runtime import Pending, ServeClient, ServeClientError, infer_remote
@@ -23,9 +24,9 @@ ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
 
 
 def stats(app_name: str) -> dict[str, Any]:
-    from ray import serve
-
-    deployment = "ClassifierDeployment" if "classifier" in app_name else "ProbeDeployment"
+    """The ``model_stats`` of an application's plugin deployment (beside its TicketStore)."""
+    names = serve.status().applications[app_name].deployments
+    (deployment,) = [name for name in names if name != "TicketStore"]
     handle = serve.get_deployment_handle(deployment, app_name)
     return handle.model_stats.remote().result(timeout_s=30)
 
