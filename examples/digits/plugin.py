@@ -6,7 +6,6 @@ to CUDA whenever ``torch.cuda.is_available()`` (Ray makes a GPU visible to a rep
 that asked for one), else it runs on the CPU. A batch of requests is one forward pass.
 """
 
-
 from typing import Any
 
 import torch
