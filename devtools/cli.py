@@ -13,6 +13,7 @@ import click
 
 from devtools.cli_submit import submit_from_cli
 from devtools.demo import run_demo
+from devtools.demo_env import DEMO_PLUGINS
 
 
 @click.command()
@@ -100,6 +101,13 @@ def submit(
     default=None,
     help="Keep the demo's files (logs, backend DB) here; default: a temp dir.",
 )
+@click.option(
+    "--plugin",
+    type=click.Choice(DEMO_PLUGINS),
+    default="classifier",
+    show_default=True,
+    help="The example plugin: the numpy classifier, or the PyTorch digits network.",
+)
 def demo(
     jobs: int,
     batch_items: int,
@@ -107,6 +115,7 @@ def demo(
     serve_calls: int,
     serve_port: int,
     workdir: Path | None,
+    plugin: str,
 ) -> None:
     """Run the end-to-end demo on embedded defaults; stops all it starts."""
     sys.exit(
@@ -117,5 +126,6 @@ def demo(
             serve_calls=serve_calls,
             workdir=workdir,
             serve_port=serve_port,
+            plugin_name=plugin,
         )
     )

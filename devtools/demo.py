@@ -18,6 +18,7 @@ import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rich.console import Console
@@ -25,14 +26,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from config.settings import get_settings
-from devtools.demo_env import DEMO_MODELS, DEMO_USERS, EXAMPLE_PLUGIN, demo_stack
+from devtools.demo_env import DEMO_MODELS, DEMO_USERS, demo_plugin, demo_stack
 from devtools.redis_server import ensure_redis
 from local_backend.client import AdminClient
 from serve_runtime.remote import infer_remote
 from worker.submit import submit
 
-ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
-RELEASE = {"code": "example-classifier", "version": "1.0.0"}
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -49,7 +48,7 @@ def _user_for(tenant: str) -> tuple[str, str]:
     return users[0]
 
 
-def serve_figures(console: Console, spec: Any, calls: int) -> dict[str, float]:
+def serve_figures(console: Console, spec: Any, calls: int, rows: list[Any]) -> dict[str, float]:
     """infer_remote straight to the deployment: the first call loads, the rest are warm."""
     env = {
         "SYNAPSE_HOST": get_settings().require_backend_url(),
@@ -60,7 +59,7 @@ def serve_figures(console: Console, spec: Any, calls: int) -> dict[str, float]:
         _, token = _user_for(DEMO_MODELS[model_id])
         t0 = time.perf_counter()
         infer_remote(
-            {"model": model_id, "json": {"inputs": ROWS}, "tenant": DEMO_MODELS[model_id]},
+            {"model": model_id, "json": {"inputs": rows}, "tenant": DEMO_MODELS[model_id]},
             {**env, "SYNAPSE_ACCESS_TOKEN": token},
         )
         return time.perf_counter() - t0
@@ -92,7 +91,7 @@ def start_worker(workdir: Path, env: dict[str, str], concurrency: int) -> subpro
     return proc
 
 
-def make_jobs(admin: Any, jobs: int, batch_items: int) -> list[dict[str, Any]]:
+def make_jobs(admin: Any, plugin: ModuleType, jobs: int, batch_items: int) -> list[dict[str, Any]]:
     """Jobs on the backend, round-robin over models (and so tenants and users)."""
     specs = []
     model_ids = list(DEMO_MODELS)
@@ -106,7 +105,7 @@ def make_jobs(admin: Any, jobs: int, batch_items: int) -> list[dict[str, Any]]:
                 "tenant": tenant,
                 "model": model_id,
                 "user": user,
-                "json": {"inputs": [ROWS[i % 3]]},
+                "json": {"inputs": [plugin.ROWS[i % 3]]},
             }
         )
     if batch_items:
@@ -116,7 +115,7 @@ def make_jobs(admin: Any, jobs: int, batch_items: int) -> list[dict[str, Any]]:
                 "tenant": "acme",
                 "model": 1,
                 "user": "alice",
-                "items": [{"inputs": [ROWS[i % 3]]} for i in range(batch_items)],
+                "items": [{"inputs": [plugin.ROWS[i % 3]]} for i in range(batch_items)],
             }
         )
     admin.create_jobs(
@@ -124,7 +123,7 @@ def make_jobs(admin: Any, jobs: int, batch_items: int) -> list[dict[str, Any]]:
             {
                 "id": s["id"],
                 "tenant": s["tenant"],
-                "plugin_release": RELEASE,
+                "plugin_release": plugin.RELEASE,
                 "params": {
                     "model": s["model"],
                     **({"items": s["items"]} if "items" in s else {"json": s["json"]}),
@@ -144,8 +143,10 @@ def run_demo(
     serve_calls: int = 100,
     workdir: Path | None = None,
     serve_port: int = 8100,
+    plugin_name: str = "classifier",
 ) -> int:
     console = Console()
+    plugin = demo_plugin(plugin_name)
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="synapse-demo-")))
@@ -154,7 +155,9 @@ def run_demo(
             if server is not None:
                 stack.callback(server.close)
             os.environ["REDIS_URL"] = redis_url
-            env_stack = stack.enter_context(demo_stack(workdir, serve_port=serve_port))
+            env_stack = stack.enter_context(
+                demo_stack(workdir, plugin=plugin, serve_port=serve_port)
+            )
         from serve_runtime.deploy import deploy  # Ray: seconds to import, so not for --help
 
         assert env_stack.backend is not None
@@ -164,12 +167,12 @@ def run_demo(
             f"Ray up in {env_stack.timings['ray_start_s']:.1f}s"
         )
         t0 = time.perf_counter()
-        spec = deploy(EXAMPLE_PLUGIN)
+        spec = deploy(plugin.PLUGIN_DIR)
         deploy_s = time.perf_counter() - t0
         console.print(
             f"deployed [bold]{spec.app_name}[/] at {spec.route_prefix} in {deploy_s:.1f}s"
         )
-        figures = serve_figures(console, spec, serve_calls)
+        figures = serve_figures(console, spec, serve_calls, plugin.ROWS)
 
         worker_env = {
             "REDIS_URL": redis_url,
@@ -182,7 +185,7 @@ def run_demo(
 
         get_settings.cache_clear()  # the worker's app and services read them on first use
         admin = stack.enter_context(AdminClient(env_stack.backend.url))
-        specs = make_jobs(admin, jobs, batch_items)
+        specs = make_jobs(admin, plugin, jobs, batch_items)
         started = time.time()
         for s in specs:
             token = DEMO_USERS[s["user"]][0]
@@ -191,7 +194,7 @@ def run_demo(
                 model=s["model"],
                 token=token,
                 tenant=s["tenant"],
-                release=RELEASE,
+                release=plugin.RELEASE,
                 json=s.get("json"),
                 items=s.get("items"),
             )
@@ -251,7 +254,9 @@ def _model_loads(spec: Any) -> int | None:
     try:
         from ray import serve
 
-        handle = serve.get_deployment_handle("ClassifierDeployment", spec.app_name)
+        names = serve.status().applications[spec.app_name].deployments
+        (deployment,) = [name for name in names if name != "TicketStore"]
+        handle = serve.get_deployment_handle(deployment, spec.app_name)
         return int(handle.model_stats.remote().result(timeout_s=30)["loads"])
     except Exception:
         return None
@@ -281,7 +286,7 @@ def _summary(
     )
     table.add_row("job latency p99", f"{percentile(latencies, 99) * 1000:.0f} ms")
     table.add_row("model loads on the replica", "?" if loads is None else str(loads))
-    table.add_row("deploy example plugin", f"{deploy_s:.1f} s")
+    table.add_row("deploy the plugin", f"{deploy_s:.1f} s")
     table.add_row("first infer_remote (model load)", f"{figures['first_ms']:.0f} ms")
     table.add_row(
         "warm infer_remote p50 / p99",

@@ -6,6 +6,7 @@ running beforehand.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import time
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from config.settings import get_settings
@@ -20,6 +22,7 @@ from local_backend.client import AdminClient
 from local_backend.server import BackendProcess, free_port
 
 EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "classifier"
+DEMO_PLUGINS = ("classifier", "digits")  # examples/<name>/demo.py says what the demo needs
 
 DEMO_USERS = {
     "alice": ("demo-alice-token-0001", ["acme"]),
@@ -56,9 +59,16 @@ class DemoStack:
             self.backend.stop()
 
 
-def seed_backend(admin: AdminClient, workdir: Path) -> None:
-    from examples.classifier.model import write_model_archive
+def demo_plugin(name: str) -> ModuleType:
+    """``examples.<name>.demo``: PLUGIN_DIR, RELEASE, ROWS, write_model_archive. Imported
+    by name so the classifier's demo does not import PyTorch."""
+    if name not in DEMO_PLUGINS:
+        raise ValueError(f"no demo plugin {name!r}; one of {', '.join(DEMO_PLUGINS)}")
+    return importlib.import_module(f"examples.{name}.demo")
 
+
+def seed_backend(admin: AdminClient, workdir: Path, plugin: ModuleType) -> None:
+    write_model_archive = plugin.write_model_archive
     models = []
     for model_id, tenant in DEMO_MODELS.items():
         archive = workdir / "archives" / f"model-{model_id}.tar.gz"
@@ -67,7 +77,7 @@ def seed_backend(admin: AdminClient, workdir: Path) -> None:
         models.append(
             {
                 "id": model_id,
-                "name": f"classifier-{model_id}",
+                "name": f"{plugin.RELEASE['code']}-{model_id}",
                 "tenant": tenant,
                 "version": 1,
                 "archive": str(archive),
@@ -83,7 +93,11 @@ def seed_backend(admin: AdminClient, workdir: Path) -> None:
 
 @contextmanager
 def demo_stack(
-    workdir: Path, *, serve_port: int = 8100, num_cpus: int | None = None
+    workdir: Path,
+    *,
+    plugin: ModuleType | None = None,
+    serve_port: int = 8100,
+    num_cpus: int | None = None,
 ) -> Iterator[DemoStack]:
     """Start the backend and Ray Serve, set the environment the runtime reads, clean up."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +106,7 @@ def demo_stack(
         stack.backend = BackendProcess(workdir / "backend")
         stack.backend.start()
         with AdminClient(stack.backend.url) as admin:
-            seed_backend(admin, workdir)
+            seed_backend(admin, workdir, plugin or demo_plugin("classifier"))
         if not port_free(serve_port):
             serve_port = free_port("127.0.0.1")
         os.environ.update(
