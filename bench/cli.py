@@ -1,6 +1,6 @@
 """``python -m bench``: run the workloads, write their results, regenerate the report.
 
-    python -m bench run [--workload W1|W2|W3|W4|W5|W6|all] [--quick] [--jobs N]
+    python -m bench run [--workload W1|W2|W3|W4|W5|W6|W7|all] [--quick] [--jobs N]
                         [--concurrency N] [--profile] [--results-dir D] [--out-dir D]
                         [--rates R1,R2,... --duration S]   (W6: offered jobs/s, seconds each)
     python -m bench report [--results-dir D] [--out-dir D]
@@ -33,7 +33,7 @@ from bench.workloads import RUNNERS, SYSTEMS, WORKLOADS, curve_plan
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 DEFAULT_OUT = ROOT / "bench"
-ORDER = ["W1", "W2", "W3", "W4", "W5", "W6"]
+ORDER = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
 
 
 def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.pool import cpu_ticks, machine_ticks, mem_total_kb, process_tree, rss_kb, versions
+from examples.classifier.model import write_model_archive as classifier_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMACCEL = ROOT / "bench" / "plugins" / "simaccel"
+DIGITS_PLUGIN = ROOT / "examples" / "digits"
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PEER_QUEUE = "synapse_peer"
@@ -171,14 +173,20 @@ def make_population(prefix: str, n_tenants: int, n_models: int, first_model_id: 
     return Population(prefix, tenants, users, models)
 
 
-def seed_population(admin: Any, workdir: Path, pop: Population) -> None:
-    from examples.classifier.model import write_model_archive
-
+def seed_population(
+    admin: Any,
+    workdir: Path,
+    pop: Population,
+    write_archive: Callable[..., Any] | None = None,
+) -> None:
+    """Tenants, users and models on the backend; the models' archives are the example
+    classifier's unless ``write_archive(out, seed=, version=)`` makes others."""
+    write = write_archive or classifier_archive
     models = []
     for m in pop.models:
         archive = workdir / "archives" / f"bench-model-{m.id}.tar.gz"
         if not archive.exists():
-            write_model_archive(archive, seed=m.id, version=1)
+            write(archive, seed=m.id, version=1)
         models.append(
             {
                 "id": m.id,

@@ -1,6 +1,6 @@
 """``bench/REPORT.md`` and ``bench/plots/*.png`` from the result files present.
 
-Only ``W1.json`` .. ``W6.json`` are read (other files in the results folder belong to
+Only ``W1.json`` .. ``W7.json`` are read (other files in the results folder belong to
 other benchmarks). ``bench/FINDINGS.md``, when present, is included verbatim: it is
 the hand-written part (profiles read, fixes tried, before/after figures).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 FINDINGS = ROOT / "bench" / "FINDINGS.md"
-ORDER = ["W1", "W2", "W3", "W4", "W5", "W6"]
+ORDER = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
 
 SYSTEMS_TEXT = """\
 - **direct**: async HTTP (httpx) straight to the Serve endpoint with the bridge's

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from sklearn.datasets import load_digits
+
 from bench.harness import (
+    DIGITS_PLUGIN,
     SIMACCEL,
     BridgeSystem,
     CpuWindow,
@@ -37,6 +41,7 @@ from bench.harness import (
     wait_final,
 )
 from bench.pool import process_tree
+from examples.digits.make_model import write_model_archive as digits_archive
 
 ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
 
@@ -138,6 +143,17 @@ WORKLOADS: dict[str, Workload] = {
         16,
         "queued trivial jobs drain through the bridge; worker RSS and Redis memory sampled "
         "every second",
+    ),
+    "W7": Workload(
+        "W7",
+        "PyTorch digits",
+        2000,
+        200,
+        64,
+        "the PyTorch example plugin (examples/digits: a 64-64-10 network, one 8x8 digit "
+        "per job) on the CPU here, on CUDA where a GPU is at hand (the same command, with "
+        "num_gpus 1), 1 replica, 4 models, 8 tenants, model-affine routing; direct and "
+        "bridge: items/s, the mean device batch, CPU per item",
     ),
     "W6": Workload(
         "W6",
@@ -1100,7 +1116,100 @@ def w6(ctx: Ctx, n: int, concurrency: int, plan: CurvePlan = CURVE_FULL) -> dict
     }
 
 
-RUNNERS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6}
+# --- W7 -----------------------------------------------------------------------------------
+
+DIGIT_ROWS = [[float(v) for v in row] for row in load_digits().data[:50]]
+
+
+def digits_body(i: int) -> dict[str, Any]:
+    return {"inputs": [DIGIT_ROWS[i % len(DIGIT_ROWS)]]}
+
+
+def _batches(spec: Any) -> dict[int, int]:
+    stats = replica_stats(spec, "DigitsDeployment", 1)
+    return {int(k): v for s in stats.values() for k, v in s["batch_sizes"].items()}
+
+
+def _mean_batch(before: dict[int, int], after: dict[int, int]) -> float | None:
+    grown = {k: after[k] - before.get(k, 0) for k in after}
+    calls = sum(grown.values())
+    return round(sum(k * v for k, v in grown.items()) / calls, 2) if calls else None
+
+
+def w7(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
+    pop = make_population("w7", 8, 4, 701)
+    seed_population(ctx.admin, ctx.workdir, pop, write_archive=digits_archive)
+    gpu = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    spec = deploy_plugin(DIGITS_PLUGIN, ray_actor_options={"num_gpus": 1 if gpu else 0})
+    ctx.timings["deploy_s"] = round(time.perf_counter() - t0, 2)
+    release = release_of(DIGITS_PLUGIN)
+    systems = []
+    for kind in ("direct", "bridge"):
+        prefix = f"W7-{kind}"
+        specs = job_specs(prefix, n, pop, digits_body)
+        warm = _warm(prefix, pop, digits_body)
+        log(f"W7 {kind}: {n} jobs, {concurrency} in flight")
+        if kind == "direct":
+            run_direct(
+                ctx,
+                warm,
+                [],
+                route_prefix=spec.route_prefix,
+                routing_mode="model_affine",
+                concurrency=concurrency,
+            )
+            before = _batches(spec)
+            fig = run_direct(
+                ctx,
+                specs,
+                [],
+                route_prefix=spec.route_prefix,
+                routing_mode="model_affine",
+                concurrency=concurrency,
+            )
+        else:
+            holder: dict[str, Any] = {}
+
+            def during(holder: dict[str, Any] = holder) -> Any:
+                holder["before"] = _batches(spec)
+                return lambda: None
+
+            system = BridgeSystem(ctx, prefix, concurrency=concurrency, routing_mode="model_affine")
+            fig = run_queued(
+                ctx, system, specs, warm, release, prefix=prefix, label=kind, during=during
+            )
+            before = holder["before"]
+        fig["mean_batch"] = _mean_batch(before, _batches(spec))
+        fig["device"] = "cuda" if gpu else "cpu"
+        systems.append(fig)
+    direct, bridge = systems
+    return {
+        "unit": "items/s",
+        "population": pop.describe(),
+        "params": {"jobs": n, "concurrency": concurrency, "plugin": "examples/digits"},
+        "systems": systems,
+        "targets": [
+            _target(
+                "the bridge batches the PyTorch plugin's items on the device",
+                "mean device batch > 1",
+                bridge.get("mean_batch"),
+                None if bridge.get("mean_batch") is None else bridge["mean_batch"] > 1,
+                f"bridge {bridge.get('throughput')} items/s, mean batch "
+                f"{bridge.get('mean_batch')}; direct {direct.get('throughput')} items/s, "
+                f"mean batch {direct.get('mean_batch')}; device {bridge['device']}",
+            )
+        ],
+        "notes": [
+            "Items = jobs: each job is one digit (one request to the replica, or one item "
+            "of a coalesced call).",
+            "CPU per item: cpu_ms_per_job and rest_ms_per_job (by process: Serve's proxy "
+            "and the replica among them) in each system's figures.",
+        ],
+    }
+
+
+RUNNERS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7}
 SYSTEMS = {
     "W1": "direct, peer, bridge",
     "W2": "direct, peer, bridge, bridge (compatible)",
@@ -1108,4 +1217,5 @@ SYSTEMS = {
     "W4": "direct, peer, bridge (sequential)",
     "W5": "bridge",
     "W6": "peer, bridge (coalescing off, wait 10 / 100 / 500 ms), open loop at rising rates",
+    "W7": "direct, bridge (the PyTorch plugin)",
 }
