@@ -184,7 +184,12 @@ def _module_root(plugin_dir: Path, module: str) -> Path | None:
 
 
 def ensure_ray(settings: Settings | None = None, *, num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS when set, else start a local Ray in this process."""
+    """Connect to RAY_ADDRESS when set, else start a local Ray in this process.
+
+    Never the cluster Ray would find by itself: ``ray.init()`` joins whatever the
+    last ``ray start`` on this machine wrote to ``ray_current_cluster``, even one long
+    dead, so "local" is said explicitly.
+    """
     import ray
 
     settings = settings or get_settings()
@@ -193,8 +198,10 @@ def ensure_ray(settings: Settings | None = None, *, num_cpus: int | None = None)
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
     if settings.ray_address:
         kwargs["address"] = settings.ray_address
-    elif num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
+    else:
+        kwargs["address"] = "local"
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
 
 
