@@ -181,6 +181,21 @@ def wait_for(what: str, ready: Callable[[], bool], timeout: float) -> float:
     return time.monotonic() - started
 
 
+def first_times(checks: dict[str, Callable[[], bool]], timeout: float) -> dict[str, float]:
+    """Seconds until each check first holds; RuntimeError naming those that never did."""
+    started = time.monotonic()
+    seen: dict[str, float] = {}
+    while len(seen) < len(checks):
+        for name, ready in checks.items():
+            if name not in seen and ready():
+                seen[name] = time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            missing = sorted(set(checks) - set(seen))
+            raise RuntimeError(f"not within {timeout:.0f}s of the kill: {missing}")
+        time.sleep(0.5)
+    return seen
+
+
 def run(
     jobs: int, workers: int, kill_at: float, workdir: Path, jobs_after: int | None = None
 ) -> dict[str, Any]:
@@ -277,20 +292,21 @@ def run(
         done_at_kill = c["succeeded"] + c["failed"]
         stop_group(node2, signal.SIGKILL)
         log(f"second node killed at {done_at_kill} jobs final")
-        drain_s = wait_for("every job final", lambda: counts(admin, ids)["lost"] == 0, 900)
-        log(f"every job final {drain_s:.1f}s after the kill")
-        node_dead_s = drain_s + wait_for(
-            "Ray marks the second node dead", lambda: len(alive_nodes()) == 1, 300
-        )
-        rescheduled_s = drain_s + wait_for(
-            "Serve runs two replicas again, both on the head",
-            lambda: (
+        # The three moments after the kill, each timed from it, polled side by side.
+        moments: dict[str, Callable[[], bool]] = {
+            "drain": lambda: counts(admin, ids)["lost"] == 0,
+            "node_dead": lambda: len(alive_nodes()) == 1,
+            "rescheduled": lambda: (
                 list(replica_nodes(spec.app_name).values()) == [head_id, head_id]
                 and running_replicas(spec.app_name) == 2
             ),
-            300,
+        }
+        seen = first_times(moments, timeout=900)
+        drain_s, node_dead_s, rescheduled_s = (seen[k] for k in moments)
+        log(
+            f"after the kill: every job final {drain_s:.1f}s, node dead {node_dead_s:.1f}s, "
+            f"two replicas on the head {rescheduled_s:.1f}s"
         )
-        log(f"after the kill: node dead {node_dead_s:.1f}s, rescheduled {rescheduled_s:.1f}s")
         after = queue_jobs(admin, plugin, jobs_after, "b")
         wait_for(
             "the jobs queued after the reschedule", lambda: counts(admin, after)["lost"] == 0, 300
