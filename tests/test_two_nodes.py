@@ -53,7 +53,7 @@ def test_a_node_killed_mid_run_loses_no_job_and_writes_none_twice(tmp_path: Path
         ),
         elapsed_s=result["elapsed_s"],
         rests_on="the worker's retries of a failed serve call (connection errors, 5xx) "
-        "reach the head's replica; Serve restarts the lost replica once Ray marks the node dead",
+        "reach the head's replica; Serve starts a replacement replica on the head",
         extra={
             "note": (
                 f"serve requests answered: {result['requests_served_by_head']} by the head, "
