@@ -8,13 +8,13 @@ Serve does by default (checked from the actor table). Serve's proxy runs on the 
 only (one machine, one port). Two worker processes drain the jobs; at ``--kill-at`` of
 them done, the second node's whole process group (its ``ray start --block``, raylet and
 workers) is SIGKILLed. Jobs whose serve call was on that node fail over by the worker's
-retries to the head's replica. Once Ray marks the node dead, Serve starts the lost
-replica again on the head's second CPU; ``--jobs-after`` more jobs are queued then and
-must all succeed too. The run passes when every job succeeded exactly once. Prints the
-counts (serve requests answered per node, from Serve's replica logs; a request
-can carry several coalesced jobs; seconds from the kill to the
-last job final, to the node marked dead, to the reschedule) and writes them as JSON
-(``--out``).
+retries to the head's replica. Serve starts a replacement replica on the head's second
+CPU (in the runs so far before Ray had marked the node dead); ``--jobs-after`` more jobs
+are queued once it runs and must all succeed too. The run passes when every job
+succeeded exactly once. Prints the counts (serve requests answered per node, from
+Serve's replica logs, where a request can carry several coalesced jobs; seconds from
+the kill to the last job final, to the node marked dead, to the replacement running)
+and writes them as JSON (``--out``).
 
 Run it alone: it starts its own Ray cluster, and ``ray stop`` is never called (that
 would stop every Ray cluster on the machine); the two nodes are stopped by process
@@ -171,18 +171,9 @@ def queue_jobs(admin: AdminClient, plugin: Any, n: int, tag: str) -> list[str]:
     return ids
 
 
-def wait_for(what: str, ready: Callable[[], bool], timeout: float) -> float:
-    """Seconds until ``ready()``; RuntimeError naming ``what`` past the deadline."""
-    started = time.monotonic()
-    while not ready():
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"{what}: not within {timeout:.0f}s")
-        time.sleep(0.5)
-    return time.monotonic() - started
-
-
 def first_times(checks: dict[str, Callable[[], bool]], timeout: float) -> dict[str, float]:
-    """Seconds until each check first holds; RuntimeError naming those that never did."""
+    """Seconds until each check first holds, polled side by side; RuntimeError naming
+    those that never did."""
     started = time.monotonic()
     seen: dict[str, float] = {}
     while len(seen) < len(checks):
@@ -191,7 +182,7 @@ def first_times(checks: dict[str, Callable[[], bool]], timeout: float) -> dict[s
                 seen[name] = time.monotonic() - started
         if time.monotonic() - started > timeout:
             missing = sorted(set(checks) - set(seen))
-            raise RuntimeError(f"not within {timeout:.0f}s of the kill: {missing}")
+            raise RuntimeError(f"not within {timeout:.0f}s: {missing}")
         time.sleep(0.5)
     return seen
 
@@ -237,7 +228,7 @@ def run(
             workdir / "ray-node2.log",
             ray_tmpdir,
         )
-        wait_for("2 Ray nodes alive", lambda: len(alive_nodes()) == 2, 90)
+        first_times({"2 Ray nodes alive": lambda: len(alive_nodes()) == 2}, 90)
         head_id = head_node_id()
         log(f"Ray: head at {address}, 2 nodes alive")
         env = {
@@ -283,16 +274,19 @@ def run(
                     stderr=subprocess.STDOUT,
                 )
             )
-        wait_for(
-            f"{kill_at:.0%} of the jobs final",
-            lambda: (c := counts(admin, ids))["succeeded"] + c["failed"] >= kill_at * jobs,
+        first_times(
+            {
+                f"{kill_at:.0%} of the jobs final": lambda: (
+                    (c := counts(admin, ids))["succeeded"] + c["failed"] >= kill_at * jobs
+                )
+            },
             600,
         )
         c = counts(admin, ids)
         done_at_kill = c["succeeded"] + c["failed"]
         stop_group(node2, signal.SIGKILL)
         log(f"second node killed at {done_at_kill} jobs final")
-        # The three moments after the kill, each timed from it, polled side by side.
+        # The three moments after the kill, each timed from it.
         moments: dict[str, Callable[[], bool]] = {
             "drain": lambda: counts(admin, ids)["lost"] == 0,
             "node_dead": lambda: len(alive_nodes()) == 1,
@@ -308,11 +302,10 @@ def run(
             f"two replicas on the head {rescheduled_s:.1f}s"
         )
         after = queue_jobs(admin, plugin, jobs_after, "b")
-        wait_for(
-            "the jobs queued after the reschedule", lambda: counts(admin, after)["lost"] == 0, 300
-        )
+        first_times({"the later jobs final": lambda: counts(admin, after)["lost"] == 0}, 300)
         elapsed = time.monotonic() - started
         served = served_per_replica(logs)
+        at_end = list(replica_nodes(spec.app_name).values())
         c = counts(admin, ids + after)
         result = {
             **c,
@@ -321,12 +314,8 @@ def run(
             "replicas_on_node2_before": len(on_node2),
             "requests_served_by_head": sum(n for r, n in served.items() if r not in on_node2),
             "requests_served_by_node2": sum(n for r, n in served.items() if r in on_node2),
-            "replicas_on_head_at_end": sum(
-                1 for node in replica_nodes(spec.app_name).values() if node == head_id
-            ),
-            "replicas_elsewhere_at_end": sum(
-                1 for node in replica_nodes(spec.app_name).values() if node != head_id
-            ),
+            "replicas_on_head_at_end": at_end.count(head_id),
+            "replicas_elsewhere_at_end": len(at_end) - at_end.count(head_id),
             "drain_after_kill_s": round(drain_s, 1),
             "node_dead_after_kill_s": round(node_dead_s, 1),
             "rescheduled_after_kill_s": round(rescheduled_s, 1),
