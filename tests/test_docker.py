@@ -674,8 +674,25 @@ def test_worker_never_imports_what_its_image_lacks() -> None:
         for line in run.stdout.partition("Commands:")[2].splitlines()
         if line.strip()
     ]
-    assert {"worker", "intake", "serve"} <= set(commands)
-    assert not {"demo", "submit", "backend"} & set(commands), run.stdout
+    assert {"worker", "intake"} <= set(commands)
+    # `serve` needs Ray (the serve extra), and the dev commands their packages.
+    assert not {"serve", "demo", "submit", "backend"} & set(commands), run.stdout
+
+
+def test_naming_serve_without_ray_says_what_to_install() -> None:
+    code = (
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({WORKER_IMAGE_LACKS!r}))\n"
+        "import worker.cli\n"
+        "worker.cli.main(['serve', 'status'])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "`serve` needs the Python package 'ray'" in run.stderr
+    assert "pip install 'synapse-serve-bridge[serve]'" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_serve_image_matches_pinned_ray() -> None:

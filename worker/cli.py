@@ -1,20 +1,21 @@
-"""``synapse-bridge``: the production command line (``worker``, ``intake``, ``serve``).
+"""``synapse-bridge``: the production command line (``worker``, ``intake``).
 
-Other installed packages add commands through the entry-point group
-``synapse_bridge.commands`` (name = command name, value = a click command): this
-project's ``devtools`` adds ``demo`` and ``submit``, ``local_backend`` adds ``backend``
-(pyproject.toml). Such a command is imported only when it is named (or ``--help`` lists
-it), and only when its package is installed: the worker image has neither package, so
-its CLI is this module's commands alone.
+Other commands join through the entry-point group ``synapse_bridge.commands`` (name =
+command name, value = a click command, pyproject.toml): ``serve_runtime`` adds ``serve``,
+``devtools`` adds ``demo`` and ``submit``, ``local_backend`` adds ``backend``. Such a
+command is imported only when it is named (or ``--help`` lists it), and offered only
+when it can be: its package must be installed (the worker image has neither devtools
+nor local_backend), and so must the extra the entry point names (``serve [serve]``:
+the worker image has ``serve_runtime`` for its client, but not Ray). Naming a command
+whose extra is missing says what to install.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import time
 from importlib.metadata import EntryPoint, entry_points
-from pathlib import Path
+from typing import Any
 
 import click
 from celery.bin.celery import celery as celery_command
@@ -23,6 +24,7 @@ from config import configure_logging, get_settings
 from worker.intake import Intake
 
 COMMANDS_GROUP = "synapse_bridge.commands"
+DISTRIBUTION = "synapse-serve-bridge"
 
 
 def _installed(ep: EntryPoint) -> bool:
@@ -32,6 +34,10 @@ def _installed(ep: EntryPoint) -> bool:
 
 class BridgeCLI(click.Group):
     """This module's commands, then those the ``synapse_bridge.commands`` entry points add."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unavailable: dict[str, str] = {}  # command -> why it cannot load here
 
     def _extensions(self) -> dict[str, EntryPoint]:
         return {
@@ -44,13 +50,31 @@ class BridgeCLI(click.Group):
         return sorted({*super().list_commands(ctx), *self._extensions()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """None for a command whose extra is missing, so ``--help`` leaves it out."""
         command = super().get_command(ctx, cmd_name)
         if command is None and (ep := self._extensions().get(cmd_name)) is not None:
-            command = ep.load()
+            try:
+                command = ep.load()
+            except ModuleNotFoundError as e:
+                if (e.name or "").partition(".")[0] == ep.module.partition(".")[0]:
+                    raise  # our own module is broken, not an extra missing
+                extra = f"{DISTRIBUTION}[{','.join(ep.extras)}]" if ep.extras else DISTRIBUTION
+                self._unavailable[cmd_name] = (
+                    f"`{cmd_name}` needs the Python package {e.name!r}, which is not "
+                    f"installed here: pip install '{extra}'"
+                )
+                return None
             if not isinstance(command, click.Command):
                 raise TypeError(f"entry point {ep.value} ({COMMANDS_GROUP}) is not a click command")
             self.add_command(command, cmd_name)
         return command
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and self.get_command(ctx, args[0]) is None and args[0] in self._unavailable:
+            raise click.UsageError(self._unavailable[args[0]], ctx)
+        return super().resolve_command(ctx, args)
 
 
 @click.group(cls=BridgeCLI)
@@ -62,87 +86,6 @@ def main() -> None:
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     configure_logging(settings.log_format, settings.log_level)
-
-
-@main.group()
-def serve() -> None:
-    """Deploy, inspect and delete serve applications."""
-
-
-@serve.command("deploy")
-@click.argument("plugin_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--action", default="inference", show_default=True)
-@click.option(
-    "--block/--no-block",
-    default=None,
-    help="Keep serving until Ctrl-C (default: when Ray was started here).",
-)
-def serve_deploy(plugin_dir: Path, action: str, block: bool | None) -> None:
-    """Deploy PLUGIN_DIR's serve action at its route prefix (port 8100 by default)."""
-    import ray
-
-    from serve_runtime.deploy import deploy
-
-    settings = get_settings()
-    try:
-        spec = deploy(plugin_dir, action=action, settings=settings)
-    except (ValueError, LookupError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(
-        f"{spec.app_name} ready at http://{settings.serve_http_host}:{settings.serve_http_port}"
-        f"{spec.route_prefix}/"
-    )
-    if block is None:
-        block = not settings.ray_address
-    if block:
-        click.echo("serving; Ctrl-C to stop")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            ray.shutdown()
-
-
-def _connect() -> None:
-    import ray
-
-    address = get_settings().ray_address or "auto"
-    try:
-        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
-    except ConnectionError as e:
-        raise click.ClickException(
-            f"no Ray cluster at {address}: start one (synapse-bridge serve deploy) "
-            "or set RAY_ADDRESS"
-        ) from e
-
-
-@serve.command("status")
-def serve_status() -> None:
-    """Show the applications and deployments Serve runs."""
-    from ray import serve as ray_serve
-
-    _connect()
-    status = ray_serve.status()
-    if not status.applications:
-        click.echo("no applications")
-    for name, application in status.applications.items():
-        click.echo(f"{name}: {application.status} route={application.route_prefix or '-'}")
-        for dname, dep in application.deployments.items():
-            replicas = ", ".join(f"{k}={v}" for k, v in dep.replica_states.items())
-            click.echo(f"  {dname}: {dep.status} replicas[{replicas}]")
-
-
-@serve.command("delete")
-@click.argument("app_name")
-def serve_delete(app_name: str) -> None:
-    """Delete the application APP_NAME."""
-    from ray import serve as ray_serve
-
-    _connect()
-    if app_name not in ray_serve.status().applications:
-        raise click.ClickException(f"no application named {app_name!r}")
-    ray_serve.delete(app_name)
-    click.echo(f"deleted {app_name}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
