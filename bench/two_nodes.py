@@ -44,44 +44,18 @@ from ray._private import state as ray_state
 from bench.harness import serve_options
 from config import get_settings
 from devtools.demo_env import DEMO_MODELS, DEMO_USERS, SERVICE_TOKEN, demo_plugin, seed_backend
+from devtools.ray_node import start_node, stop_group
 from devtools.redis_server import RedisServer
 from local_backend.client import AdminClient
 from local_backend.server import BackendProcess, free_port
 from serve_runtime.deploy import deploy
 from worker.submit import submit
 
-RAY = str(Path(sys.executable).parent / "ray")
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def log(msg: str) -> None:
     print(f"[two_nodes {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def start_node(args: list[str], log_path: Path, ray_tmpdir: Path) -> subprocess.Popen[bytes]:
-    """``ray start ... --block`` in its own process group (stopped with killpg).
-
-    Under its own RAY_TMPDIR: ``ray start`` writes the cluster's address to
-    ``<temp dir>/ray/ray_current_cluster``, which outlives a killed cluster, and a later
-    ``ray.init()`` anywhere on the machine would try to join it.
-    """
-    return subprocess.Popen(
-        [RAY, "start", *args, "--block", "--disable-usage-stats"],
-        env={**os.environ, "RAY_TMPDIR": str(ray_tmpdir)},
-        stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def alive_nodes() -> list[dict[str, Any]]:

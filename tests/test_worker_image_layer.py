@@ -1,19 +1,17 @@
 """The worker image's Python layer, built and run without a Docker engine (issue 14).
 
 No Docker engine runs here and base images cannot be pulled, so the layer is rebuilt as
-docker/Dockerfile.worker builds it: a clean virtual environment, ``pip install -r
-docker/worker-requirements.txt``, then ``pip install --no-deps .`` of a build context
-holding only what the Dockerfile copies. The worker is started from that environment,
-outside the repository (nothing of the checkout on its path), against its own Redis, and
-runs a job end to end through real Ray Serve and the local backend.
+docker/Dockerfile.worker builds it (tests/image_layer.py): ``pip install -r
+docker/worker-requirements.txt``, then ``pip install --no-deps .``. The worker is started
+from that environment, outside the repository (nothing of the checkout on its path),
+against its own Redis, and runs a job end to end through real Ray Serve and the local
+backend.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import pytest
 from config import Settings
 from devtools.redis_server import RedisServer
 from tests.conftest import ROOT, WorkerProcess
-from tests.test_docker import DOCKERFILES, parse_dockerfile
+from tests.image_layer import build_context, cli_commands, new_venv, pip_install
 from tests.test_worker import new_job, send, wait_final
 from worker.app import create_app
 
@@ -32,45 +30,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LACKS = ("ray", "fastapi", "starlette", "uvicorn", "numpy", "local_backend", "devtools", "examples")
 
 
-def _pip(venv: Path, *args: str, cwd: Path) -> None:
-    run = subprocess.run(
-        [
-            str(venv / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-cache-dir",
-            *args,
-        ],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The image's /opt/venv, built from exactly what the Dockerfile copies."""
     root = tmp_path_factory.mktemp("worker-image")
     context = root / "src"
-    context.mkdir()
-    df = parse_dockerfile(DOCKERFILES["worker"])
-    sources = [src for srcs in df.copies for src in srcs if not src.startswith("/")]
+    sources = build_context("worker", context)
     assert "docker/worker-requirements.txt" in sources and "worker" in sources
-    for src in sources:
-        path = ROOT / src
-        target = context / Path(src).name  # the Dockerfile copies each to ./<name>
-        if path.is_dir():
-            shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(path, target)
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    _pip(venv, "-r", "worker-requirements.txt", cwd=context)
-    _pip(venv, "--no-deps", ".", cwd=context)
+    venv = new_venv(root / "venv")
+    pip_install(venv, "--no-cache-dir", "-r", "worker-requirements.txt", cwd=context)
+    pip_install(venv, "--no-cache-dir", "--no-deps", ".", cwd=context)
     return venv
 
 
@@ -97,6 +66,28 @@ def test_the_layer_holds_the_worker_and_nothing_it_leaves_out(image_venv: Path) 
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "", f"the worker image would hold: {run.stdout.strip()}"
+
+
+def test_the_layers_cli_offers_what_it_can_run(image_venv: Path) -> None:
+    """No `serve` (no Ray here) nor dev commands; naming `serve` says what to install."""
+    program = str(image_venv / "bin" / "synapse-bridge")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    shown = subprocess.run(
+        [program, "--help"], cwd=image_venv, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert cli_commands(shown.stdout) == {"worker", "intake"}, shown.stdout
+    named = subprocess.run(
+        [program, "serve", "status"],
+        cwd=image_venv,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert named.returncode == 2, named.stderr[-2000:]
+    assert "needs the Python package 'ray'" in named.stderr
+    assert "pip install 'synapse-serve-bridge[serve]'" in named.stderr
 
 
 def test_a_worker_from_the_layer_runs_a_job_end_to_end(
