@@ -51,8 +51,6 @@ from local_backend.server import BackendProcess, free_port
 from serve_runtime.deploy import deploy
 from worker.submit import submit
 
-FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
 
 def log(msg: str) -> None:
     print(f"[two_nodes {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -104,19 +102,15 @@ def served_per_replica(logs: Path) -> dict[str, int]:
 
 
 def counts(admin: AdminClient, ids: list[str]) -> dict[str, int]:
-    summary = admin.write_summary(ids)
-    out = {"submitted": len(ids), "succeeded": 0, "failed": 0, "lost": 0, "written_twice": 0}
-    for job_id in ids:
-        s = summary.get(job_id, {"status": "MISSING", "final_writes": 0})
-        if s["status"] == "SUCCEEDED":
-            out["succeeded"] += 1
-        elif s["status"] in FINAL:
-            out["failed"] += 1
-        else:
-            out["lost"] += 1
-        if s["final_writes"] + s.get("refused_final", 0) > 1:
-            out["written_twice"] += 1
-    return out
+    """The run's counts as reported: a stopped job counts as failed, one not final as lost."""
+    o = admin.outcomes(ids)
+    return {
+        "submitted": o.submitted,
+        "succeeded": o.succeeded,
+        "failed": o.failed + o.stopped,
+        "lost": o.not_final,
+        "written_twice": o.written_twice,
+    }
 
 
 def queue_jobs(admin: AdminClient, plugin: Any, n: int, tag: str) -> list[str]:

@@ -7,6 +7,7 @@ the user-facing headers (token and tenant) the way the real backend expects them
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -17,6 +18,25 @@ from local_backend import DEFAULT_ADMIN_TOKEN
 # The job ids that may go into a URL path: config/ids.py's set (repeated here, as this
 # package imports nothing else of ours): no '/', '..', '?', '#', '%' or space.
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+@dataclass
+class Outcomes:
+    """What the backend recorded for a set of jobs: each job counted once by its status
+    (``not_final``: neither SUCCEEDED, FAILED nor STOPPED), and the jobs given a final
+    status more than once (refused attempts count: the worker tried to write twice)."""
+
+    submitted: int
+    succeeded: int = 0
+    failed: int = 0
+    stopped: int = 0
+    not_final: int = 0
+    written_twice: int = 0
+    failed_ids: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> int:
+        return self.succeeded + self.failed + self.stopped
 
 
 def job_path(job_id: str, tail: str = "") -> str:
@@ -96,6 +116,25 @@ class AdminClient:
         """``{job_id: {"status", "writes", "final_writes", "refused", "refused_final"}}``
         for the jobs listed (or all); ``writes``/``final_writes`` count accepted PATCHes."""
         return self._call("POST", "_admin/writes/summary/", json=job_ids)
+
+    def outcomes(self, job_ids: list[str]) -> Outcomes:
+        """The jobs' outcomes (``Outcomes``), from one ``write_summary`` call."""
+        summary = self.write_summary(job_ids)
+        out = Outcomes(submitted=len(job_ids))
+        for job_id in job_ids:
+            s = summary.get(job_id, {"status": "MISSING", "final_writes": 0})
+            if s["status"] == "SUCCEEDED":
+                out.succeeded += 1
+            elif s["status"] == "FAILED":
+                out.failed += 1
+                out.failed_ids.append(job_id)
+            elif s["status"] == "STOPPED":
+                out.stopped += 1
+            else:
+                out.not_final += 1
+            if s["final_writes"] + s.get("refused_final", 0) > 1:
+                out.written_twice += 1
+        return out
 
     def logs(self, job_id: str | None = None) -> list[dict[str, Any]]:
         params = {"job": job_id} if job_id is not None else {}

@@ -155,21 +155,16 @@ class Counts:
 
 
 def count(admin: Any, jobs: list[Job]) -> Counts:
-    summary = admin.write_summary([j.job_id for j in jobs])
-    c = Counts(submitted=len(jobs))
-    for j in jobs:
-        s = summary.get(j.job_id, {"status": "MISSING", "final_writes": 0})
-        if s["status"] == "SUCCEEDED":
-            c.succeeded += 1
-        elif s["status"] == "FAILED":
-            c.failed += 1
-            if len(c.failures) < 5:
-                c.failures.append(str(admin.job(j.job_id).get("result") or {})[:300])
-        else:
-            c.lost += 1
-        if s["final_writes"] + s.get("refused_final", 0) > 1:  # attempts count too
-            c.written_twice += 1
-    return c
+    """A job stopped counts as lost: no scenario here stops one."""
+    o = admin.outcomes([j.job_id for j in jobs])
+    return Counts(
+        submitted=o.submitted,
+        succeeded=o.succeeded,
+        failed=o.failed,
+        lost=o.not_final + o.stopped,
+        written_twice=o.written_twice,
+        failures=[str(admin.job(i).get("result") or {})[:300] for i in o.failed_ids[:5]],
+    )
 
 
 def check_results(admin: Any, jobs: list[Job], sample: int = 50) -> int:

@@ -522,6 +522,22 @@ def test_admin_stop_from_any_live_status(
     assert (summary["final_writes"], summary["refused"], summary["refused_final"]) == (1, 2, 2)
 
 
+def test_outcomes_count_each_job_once_and_a_second_final_write(
+    http: httpx.Client, admin: AdminClient
+) -> None:
+    """What the fault tests and benches count with: a refused second final write counts."""
+    ids = {name: new_job(admin)["id"] for name in ("ok", "twice", "failed", "stopped", "open")}
+    assert patch(http, ids["ok"], {"status": "SUCCEEDED"}).status_code == 200
+    assert patch(http, ids["twice"], {"status": "SUCCEEDED"}).status_code == 200
+    assert patch(http, ids["twice"], {"status": "FAILED"}).status_code == 409
+    assert patch(http, ids["failed"], {"status": "FAILED"}).status_code == 200
+    admin.stop_job(ids["stopped"])
+    assert patch(http, ids["open"], {"status": "RUNNING"}).status_code == 200
+    o = admin.outcomes([*ids.values(), "never-created"])
+    assert (o.submitted, o.succeeded, o.failed, o.stopped, o.not_final) == (6, 2, 1, 1, 2)
+    assert (o.final, o.written_twice, o.failed_ids) == (4, 1, [ids["failed"]])
+
+
 def test_admin_stop_of_a_finished_job_is_refused(http: httpx.Client, admin: AdminClient) -> None:
     job_id = new_job(admin)["id"]
     assert patch(http, job_id, {"status": "SUCCEEDED", "result": [1]}).status_code == 200

@@ -544,8 +544,7 @@ def test_no_token_or_jwt_in_any_log_result_or_job(
         problems += [f"backend log entry: {leak}" for leak in leaks(json.dumps(entry))]
 
     CHECKS.append(("no secret in logs, Redis, results or jobs", not problems))
-    summary = admin.write_summary(JOBS)
-    twice = sum(1 for s in summary.values() if s["final_writes"] + s.get("refused_final", 0) > 1)
+    twice = admin.outcomes(JOBS).written_twice
     refused = sum(ok for _, ok in CHECKS)
     fault_kit.record(
         "R6 security",
