@@ -1141,9 +1141,15 @@ def w7(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     seed_population(ctx.admin, ctx.workdir, pop, write_archive=digits_archive)
     gpu = torch.cuda.is_available()
     t0 = time.perf_counter()
-    spec = deploy_plugin(DIGITS_PLUGIN, ray_actor_options={"num_gpus": 1 if gpu else 0})
+    # The plugin's num_cpus (0.5) stays: an override replaces ray_actor_options whole,
+    # and Serve gives a replica without num_cpus one CPU.
+    spec = deploy_plugin(
+        DIGITS_PLUGIN, ray_actor_options={"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
+    )
     ctx.timings["deploy_s"] = round(time.perf_counter() - t0, 2)
     release = release_of(DIGITS_PLUGIN)
+    # Where the network really runs: the replica's own answer, not this process's guess.
+    replica_device = next(iter(replica_stats(spec, "DigitsDeployment", 1).values())).get("device")
     systems = []
     for kind in ("direct", "bridge"):
         prefix = f"W7-{kind}"
@@ -1181,7 +1187,7 @@ def w7(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
             )
             before = holder["before"]
         fig["mean_batch"] = _mean_batch(before, _batches(spec))
-        fig["device"] = "cuda" if gpu else "cpu"
+        fig["device"] = replica_device or ("cuda" if gpu else "cpu")
         systems.append(fig)
     direct, bridge = systems
     return {

@@ -29,6 +29,14 @@ class DigitsDeployment(BaseServeDeployment):
     async def _get_model(self, model_info: dict[str, Any]) -> DigitsNet:
         return load(model_info["path"], device())
 
+    async def model_stats(self) -> dict[str, Any]:
+        """The runtime's stats, and the device this replica's networks run on."""
+        stats = await super().model_stats()
+        stats["device"] = device().type
+        if stats["device"] == "cuda":
+            stats["device_name"] = torch.cuda.get_device_name(0)
+        return stats
+
     async def _release_model(self, model: Any, model_info: dict[str, Any]) -> None:
         """Frees the GPU memory now: the store still holds the module while this runs,
         so its weights move off the device, then the allocator's cached blocks go."""
