@@ -65,6 +65,7 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
         "jobs": jobs,
         "full_jobs": w.full_jobs,
         "concurrency": concurrency,
+        "worker_processes": args.worker_processes,
         "profile": bool(args.profile),
         "command": command,
         **({} if plan is None else {"rates": list(plan.rates), "duration_s": plan.duration_s}),
@@ -77,7 +78,13 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
     with tempfile.TemporaryDirectory(prefix=f"synapse-bench-{key}-") as tmp:
         workdir = (keep / key) if keep else Path(tmp)
         try:
-            with harness.bench_stack(key, workdir, results, profile=args.profile) as ctx:
+            with harness.bench_stack(
+                key,
+                workdir,
+                results,
+                profile=args.profile,
+                worker_processes=args.worker_processes,
+            ) as ctx:
                 result.update(runner(ctx, jobs, concurrency))
                 result["stack"] = ctx.timings
             result["targets"].append(all_succeeded(result["systems"]))
@@ -158,6 +165,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                 ("--workdir", args.workdir),
                 ("--rates", args.rates),
                 ("--duration", args.duration),
+                ("--worker-processes", args.worker_processes),
             ):
                 if value:
                     sub += [flag, str(value)]
@@ -205,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quick", action="store_true", help="small sizes (a smoke check)")
     run.add_argument("--jobs", type=int, default=None, help="jobs per system (overrides sizes)")
     run.add_argument("--concurrency", type=int, default=None, help="in flight per system")
+    run.add_argument(
+        "--worker-processes",
+        type=int,
+        default=1,
+        help="the bridge's worker processes, sharing the in-flight jobs (default 1)",
+    )
     run.add_argument(
         "--profile",
         action="store_true",

@@ -247,6 +247,7 @@ class Ctx:
     serve_url: str
     service_token: str
     profile: bool = False
+    worker_processes: int = 1  # the bridge's, sharing its in-flight jobs
     timings: dict[str, float] = field(default_factory=dict)
 
     def final_count(self) -> int:
@@ -256,7 +257,12 @@ class Ctx:
 
 @contextlib.contextmanager
 def bench_stack(
-    workload: str, workdir: Path, results_dir: Path, *, profile: bool = False
+    workload: str,
+    workdir: Path,
+    results_dir: Path,
+    *,
+    profile: bool = False,
+    worker_processes: int = 1,
 ) -> Iterator[Ctx]:
     """The demo's stack (backend + Ray Serve on a free port), fresh for this workload."""
     from devtools.demo_env import SERVICE_TOKEN, demo_stack
@@ -287,6 +293,7 @@ def bench_stack(
                 serve_url=os.environ["SYNAPSE_SERVE_URL"],
                 service_token=SERVICE_TOKEN,
                 profile=profile,
+                worker_processes=worker_processes,
             )
             ctx.timings["stack_start_s"] = round(time.perf_counter() - t0, 2)
             yield ctx
@@ -672,7 +679,8 @@ def profiler_command(out: Path) -> tuple[list[str], str]:
 
 
 class BridgeSystem:
-    """This project's worker (``python -m worker.cli worker -c N``) as a subprocess."""
+    """This project's worker (``python -m worker.cli worker -c N``) as a subprocess, or
+    ``ctx.worker_processes`` of them sharing the N in-flight jobs (N / P threads each)."""
 
     name = "bridge"
 
@@ -696,6 +704,7 @@ class BridgeSystem:
         self.workdir = ctx.workdir / f"bridge-{tag}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.worker_pid: int | None = None
+        self.more: list[subprocess.Popen[bytes]] = []  # processes 2..P
 
     def env(self, redis_url: str) -> dict[str, str]:
         return {
@@ -714,8 +723,12 @@ class BridgeSystem:
         if self.profile_out is None:
             from devtools.demo import start_worker
 
-            self.proc = start_worker(self.workdir, env, self.concurrency)
+            per = -(-self.concurrency // self.ctx.worker_processes)
+            self.proc = start_worker(self.workdir, env, per)
             self.worker_pid = self.proc.pid
+            for i in range(1, self.ctx.worker_processes):
+                (self.workdir / f"w{i}").mkdir(exist_ok=True)
+                self.more.append(start_worker(self.workdir / f"w{i}", env, per))
             return
         prefix, self.profiler = profiler_command(self.profile_out)
         logf = (self.workdir / "worker.log").open("ab")
@@ -739,18 +752,30 @@ class BridgeSystem:
             self.worker_pid = self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        procs = [self.proc, *self.more]
+        return self.proc is not None and all(p is not None and p.poll() is None for p in procs)
 
     def pids(self) -> list[int]:
-        return process_tree(self.worker_pid) if self.worker_pid else []
+        roots = ([self.worker_pid] if self.worker_pid else []) + [p.pid for p in self.more]
+        return [pid for root in roots for pid in process_tree(root)]
 
     def rss_kb(self) -> int:
-        return rss_kb(self.worker_pid) if self.worker_pid else 0
+        roots = ([self.worker_pid] if self.worker_pid else []) + [p.pid for p in self.more]
+        return sum(rss_kb(pid) for pid in roots)
 
     def log_path(self) -> Path:
         return self.workdir / "worker.log"
 
     def stop(self) -> None:
+        for proc in self.more:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in self.more:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
         if self.proc is None:
             return
         target = self.worker_pid or self.proc.pid
@@ -766,7 +791,10 @@ class BridgeSystem:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "command": f"python -m worker.cli worker -c {self.concurrency}",
+            "command": f"python -m worker.cli worker -c {self.concurrency}"
+            if self.ctx.worker_processes == 1
+            else f"{self.ctx.worker_processes} x python -m worker.cli worker "
+            f"-c {-(-self.concurrency // self.ctx.worker_processes)}",
             "routing_mode": self.routing_mode,
             "env": {k: v for k, v in self.env("redis://...").items() if k != "REDIS_URL"},
             "profiler": self.profiler,
