@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from serve_runtime.deploy import build_application
+
 
 class BuildArgs(BaseModel):
     """``args:`` of the application in the serve config."""
@@ -25,6 +27,4 @@ class BuildArgs(BaseModel):
 
 def build_app(args: BuildArgs) -> Any:
     """Ray Serve application builder: ``import_path: serve_app:build_app``."""
-    from serve_runtime.deploy import build_application
-
     return build_application(args.plugin_dir, action=args.action).application

@@ -8,6 +8,7 @@ models per replica. Batching, when configured, is the runtime's ``DeviceBatcher`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI
-from ray import cloudpickle
+from ray import cloudpickle, serve
 from ray.serve.config import RequestRouterConfig
 
 from config import Settings, get_settings, load_plugin_config, resolve_route_prefix
@@ -79,8 +81,6 @@ def build_application(
     ``app_name`` and ``route_prefix`` replace the ones the plugin's release gives: a
     second copy of one plugin (another replica count, say) beside the first.
     """
-    from ray import serve
-
     settings = settings or get_settings()
     plugin_dir = Path(plugin_dir).resolve()
     cfg = load_plugin_config(plugin_dir)
@@ -172,8 +172,6 @@ def _init_with_tickets(cls: type[BaseServeDeployment]) -> Callable[..., None]:
 def _module_root(plugin_dir: Path, module: str) -> Path | None:
     """The directory to put on PYTHONPATH when the plugin is not an installed package."""
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec(module.split(".")[0])
     except (ImportError, ValueError):
         spec = None
@@ -190,8 +188,6 @@ def ensure_ray(settings: Settings | None = None, *, num_cpus: int | None = None)
     last ``ray start`` on this machine wrote to ``ray_current_cluster``, even one long
     dead, so "local" is said explicitly.
     """
-    import ray
-
     settings = settings or get_settings()
     if ray.is_initialized():
         return
@@ -206,8 +202,6 @@ def ensure_ray(settings: Settings | None = None, *, num_cpus: int | None = None)
 
 
 def ensure_serve(settings: Settings | None = None) -> None:
-    from ray import serve
-
     settings = settings or get_settings()
     serve.start(http_options={"host": settings.serve_http_host, "port": settings.serve_http_port})
 
@@ -223,8 +217,6 @@ def deploy(
     blocking: bool = False,
 ) -> DeploySpec:
     """Deploy a plugin's serve action at its resolved route prefix (HTTP port 8100 default)."""
-    from ray import serve
-
     settings = settings or get_settings()
     ensure_ray(settings)
     ensure_serve(settings)

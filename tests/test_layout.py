@@ -66,6 +66,22 @@ def test_product_source_never_names_dev_packages() -> None:
     assert not found, "\n".join(found)
 
 
+def test_product_imports_nothing_inside_a_function() -> None:
+    """Dependencies at the top of each module, where the layering checks can see them:
+    an import inside a function hides a cycle or an optional dependency."""
+    found = []
+    for package in PRODUCT:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                    found += [
+                        f"{path.relative_to(ROOT)}:{node.lineno} in {fn.name}()"
+                        for node in ast.walk(fn)
+                        if isinstance(node, ast.Import | ast.ImportFrom)
+                    ]
+    assert not found, "\n".join(found)
+
+
 def test_dev_commands_join_the_cli_through_entry_points() -> None:
     """Installed with devtools (this checkout), `synapse-bridge` has the dev commands too."""
     ctx = click.Context(main)
