@@ -13,7 +13,11 @@ task threads call Serve:
 * **http**: one pooled ``httpx.Client`` (100 connections), ``POST`` to the proxy, as
   ``serve_runtime.client.ServeClient`` does;
 * **handle**: ``serve.get_deployment_handle(...).answer.remote(body).result()`` from
-  the same threads: this process is a Ray driver, as a worker on a cluster node would be.
+  the same threads: this process is a Ray driver, as a worker on a cluster node would be;
+* **handle-asgi**: the same handle, but the method runs the HTTP request (headers and
+  body bytes) through the replica's own ASGI app in process: the FastAPI app, its
+  middleware and endpoint, as the proxy's request would. This is the path a product
+  transport could take without changing what a plugin or the runtime's checks see.
 
 Rounds alternate (http, handle, http, ...) so the machine's drift hits both. For each:
 calls/s, latency p50/p99, and CPU per call by process: this process (the caller), Serve's
@@ -21,8 +25,8 @@ proxy, the replica, and the rest of the machine (Ray's GCS, raylet, controller).
 JSON (``--out``) and prints a table. Run it alone: it starts its own local Ray.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: with it, the ingress endpoint's body
+# annotation reaches FastAPI as a string and every POST is refused (422).
 import argparse
 import json
 import os
@@ -52,6 +56,43 @@ def answer_for(body: dict[str, Any]) -> dict[str, Any]:
     return {"predictions": [max(range(len(r)), key=r.__getitem__) for r in rows], "n": len(rows)}
 
 
+async def run_asgi(app: Any, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes]:
+    """``POST /`` through ``app``; its status and body."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+    }
+    sent = False
+    status, chunks = 500, []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
 @serve.deployment(max_ongoing_requests=200, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Transport:
@@ -62,6 +103,11 @@ class Transport:
     async def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         return answer_for(body)
 
+    async def asgi(self, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes]:
+        """The HTTP request run through this replica's own ASGI app (FastAPI, its
+        middleware and endpoint), in process: what the proxy would have sent it."""
+        return await run_asgi(self._asgi_app, headers, body)  # type: ignore[attr-defined]
+
 
 def pids_titled(prefix: str) -> list[int]:
     return [pid for pid, (name, _) in all_process_ticks().items() if name.startswith(prefix)]
@@ -71,16 +117,17 @@ def measure(call: Any, calls: int, threads: int) -> dict[str, Any]:
     """``calls`` calls over ``threads`` threads; latency, rate and CPU by process."""
     latencies: list[float] = []
     lock = threading.Lock()
-    failures = 0
+    failures: list[str] = []
 
     def one(_: int) -> None:
-        nonlocal failures
         t0 = time.perf_counter()
         try:
-            assert call()["n"] == 1
-        except Exception:
+            answer = call()
+            if answer["n"] != 1:
+                raise ValueError(f"wrong answer: {answer}")
+        except Exception as e:
             with lock:
-                failures += 1
+                failures.append(f"{type(e).__name__}: {str(e)[-1500:]}")
             return
         with lock:
             latencies.append(time.perf_counter() - t0)
@@ -100,7 +147,8 @@ def measure(call: Any, calls: int, threads: int) -> dict[str, Any]:
     cpu = window.stop(calls)
     return {
         "calls": calls,
-        "failures": failures,
+        "failures": len(failures),
+        "first_failure": failures[0] if failures else None,
         "calls_per_s": round(len(latencies) / wall, 1),
         "latency_ms": dist_ms(latencies),
         "cpu_ms_per_call": cpu["cpu_ms_per_job"],
@@ -128,7 +176,16 @@ def run(calls: int, threads: int, rounds: int) -> dict[str, Any]:
             def by_handle() -> dict[str, Any]:
                 return handle.answer.remote(BODY).result(timeout_s=30)
 
-            paths = {"http": by_http, "handle": by_handle}
+            raw = json.dumps(BODY).encode()
+            headers = [(b"content-type", b"application/json")]
+
+            def by_handle_asgi() -> dict[str, Any]:
+                status, body = handle.asgi.remote(headers, raw).result(timeout_s=30)
+                if status != 200:
+                    raise RuntimeError(f"status {status}: {body[:200]!r}")
+                return json.loads(body)
+
+            paths = {"http": by_http, "handle": by_handle, "handle-asgi": by_handle_asgi}
             for call in paths.values():  # warm: connections, the handle's router
                 measure(call, 200, threads)
             results: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
@@ -150,13 +207,15 @@ def run(calls: int, threads: int, rounds: int) -> dict[str, Any]:
 
 
 def summary_line(r: dict[str, Any]) -> str:
+    if r["failures"] == r["calls"]:
+        return f"every call failed: {r['first_failure']}"
     cpu = r["cpu_ms_per_call"]
     stack = sum(cpu.values())
     return (
         f"{r['calls_per_s']} calls/s, p50 {r['latency_ms']['p50']} ms, p99 "
         f"{r['latency_ms']['p99']} ms, CPU ms/call: caller {cpu['caller']}, proxy "
         f"{cpu['proxy']}, replica {cpu['replica']}, rest {cpu['rest']} (all {stack:.2f}); "
-        f"{r['failures']} failed"
+        f"{r['failures']} failed {r['first_failure'] or ''}"
     )
 
 
