@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from config import configure_logging
+from config import configure_logging, get_settings
 from worker import metrics
 from worker.app import app
 from worker.broker import queued
@@ -38,6 +38,22 @@ def sweep_ledger(svc: Services) -> int:
 
 
 def _start(**_: Any) -> None:
+    """Set the process up; when it cannot be, stop the worker with status 1.
+
+    Celery logs an exception raised in a ``worker_ready`` handler and goes on, so a
+    worker missing a setting would consume jobs it cannot run, with no outbox delivery
+    and no ledger sweep. ``SystemExit`` is not swallowed: the worker shuts down, and
+    the messages it took go back to the queue.
+    """
+    try:
+        _set_up()
+    except Exception as e:
+        # The messages name the setting to fix, never its value (secrets stay out).
+        log.error("worker_cannot_start", error=f"{type(e).__name__}: {e}")
+        raise SystemExit(1) from None
+
+
+def _set_up() -> None:
     global _flusher
     svc = services()
     settings = svc.settings
@@ -60,7 +76,7 @@ def _start(**_: Any) -> None:
 def _stop(**_: Any) -> None:
     if _flusher is not None:
         _flusher.stop()
-    ready = services().settings.ready_file
+    ready = get_settings().ready_file
     if ready is not None:
         ready.unlink(missing_ok=True)
 
