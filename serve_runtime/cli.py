@@ -15,6 +15,7 @@ import ray
 from ray import serve as ray_serve
 
 from config import get_settings
+from serve_runtime.applications import routes
 from serve_runtime.deploy import deploy
 
 
@@ -71,8 +72,9 @@ def serve_status() -> None:
     status = ray_serve.status()
     if not status.applications:
         click.echo("no applications")
+    route_of = routes()
     for name, application in status.applications.items():
-        click.echo(f"{name}: {application.status} route={application.route_prefix or '-'}")
+        click.echo(f"{name}: {application.status} route={route_of.get(name) or '-'}")
         for dname, dep in application.deployments.items():
             replicas = ", ".join(f"{k}={v}" for k, v in dep.replica_states.items())
             click.echo(f"  {dname}: {dep.status} replicas[{replicas}]")
