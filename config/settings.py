@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     routing_mode: Literal["compatible", "model_affine"] = _env(
         "SYNAPSE_BRIDGE_ROUTING_MODE", default="compatible"
     )
+    # How serve calls travel: "http" through Serve's proxy (SYNAPSE_SERVE_URL), or
+    # "handle" through a DeploymentHandle, for a process on a node of the Ray cluster
+    # (RAY_ADDRESS; needs Ray, the serve extra): serve_runtime/handle_transport.py.
+    serve_transport: Literal["http", "handle"] = _env(
+        "SYNAPSE_BRIDGE_SERVE_TRANSPORT", default="http"
+    )
     signing_key: SecretStr | None = _env("SYNAPSE_SERVE_SIGNING_KEY")
     # The key read from a file on the node instead (a path is no secret: it may travel in
     # Ray's runtime_env, which Serve's API shows; the key never does).

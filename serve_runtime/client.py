@@ -7,6 +7,7 @@ SDK's blocking ``infer_remote`` promises its callers.
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from typing import Any
@@ -42,19 +43,50 @@ from serve_runtime.tokens import (
 log = structlog.get_logger("serve_runtime.client")
 
 
+# The transports other than Serve's proxy, by SYNAPSE_BRIDGE_SERVE_TRANSPORT: imported
+# by name, as they need what the worker image leaves out (Ray).
+TRANSPORTS = {"handle": "serve_runtime.handle_transport:HandleTransport"}
+SERVE_EXTRA = "pip install 'synapse-serve-bridge[serve]'"
+
+
+class TransportUnavailable(RuntimeError):
+    """The configured serve transport cannot run here; the message names the setting."""
+
+
+def transport_for(settings: Settings) -> httpx.BaseTransport | None:
+    """The transport ``SYNAPSE_BRIDGE_SERVE_TRANSPORT`` names (None: Serve's proxy)."""
+    if settings.serve_transport == "http":
+        return None
+    module, _, name = TRANSPORTS[settings.serve_transport].partition(":")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise TransportUnavailable(
+            f"SYNAPSE_BRIDGE_SERVE_TRANSPORT={settings.serve_transport} needs the Python "
+            f"package {e.name!r}, which is not installed here: {SERVE_EXTRA}"
+        ) from None
+    transport: httpx.BaseTransport = getattr(found, name)(settings)
+    return transport
+
+
 class ServeClient:
-    """A thread-safe, pooled HTTP client for serve endpoints."""
+    """A thread-safe, pooled client for serve endpoints: HTTP through Serve's proxy, or
+    the same requests through the transport ``SYNAPSE_BRIDGE_SERVE_TRANSPORT`` names."""
 
     def __init__(self, settings: Settings | None = None, *, base_url: str | None = None):
         self.settings = settings or get_settings()
         self.base_url = (base_url or self.settings.serve_url).rstrip("/")
         s = self.settings
+        other = transport_for(s)
+        # Where calls go, as errors name it.
+        self.target = self.base_url if other is None else f"{s.serve_transport} transport"
+        # Whether the proxy acknowledges requests, and how many went unacknowledged
+        # (no proxy, no receipt: the other transports fail fast on their own).
+        self.receipt = ReceiptBackend(s.serve_ack_timeout_s if other is None else 0.0)
         limits = httpx.Limits(
             max_connections=s.serve_max_connections,
             max_keepalive_connections=s.serve_max_connections,
         )
-        # Whether the proxy acknowledges requests, and how many went unacknowledged.
-        self.receipt = ReceiptBackend(s.serve_ack_timeout_s)
         self._http = httpx.Client(
             timeout=httpx.Timeout(
                 connect=s.serve_connect_timeout_s,
@@ -64,7 +96,7 @@ class ServeClient:
             ),
             # One big httpcore pool costs O(connections^2) per request: shards. Their
             # connections report whether the proxy acknowledged each request.
-            transport=ShardedTransport(limits, network_backend=self.receipt),
+            transport=other or ShardedTransport(limits, network_backend=self.receipt),
         )
 
     def close(self) -> None:
@@ -266,8 +298,7 @@ class ServeClient:
             raise ServeTimeout(f"{method.upper()} {route_prefix}: {type(e).__name__}") from None
         except httpx.TransportError as e:
             raise ServeConnectionError(
-                f"{method.upper()} {route_prefix}: cannot reach {self.base_url} "
-                f"({type(e).__name__})"
+                f"{method.upper()} {route_prefix}: cannot reach {self.target} ({type(e).__name__})"
             ) from None
         return parse_response(response, route_prefix)
 

@@ -35,6 +35,7 @@ from ray import serve
 
 from config import configure_logging, get_settings
 from serve_runtime.action import BaseAction
+from serve_runtime.asgi_call import Headers, call_asgi
 from serve_runtime.backend_client import BackendClient, ModelAccessError
 from serve_runtime.batcher import DeviceBatcher
 from serve_runtime.coalesced import CoalescedCalls, arrivals_for_batcher
@@ -199,6 +200,14 @@ class BaseServeDeployment(BaseAction):
                 if inspect.isawaitable(result):
                     await result
                 return
+
+    async def asgi_request(
+        self, method: str, path: str, root_path: str, headers: Headers, body: bytes
+    ) -> tuple[int, Headers, bytes]:
+        """One HTTP request through this replica's own app, in process: the entry of
+        calls through a ``DeploymentHandle`` (``serve_runtime.handle_transport``)."""
+        app = self._asgi_app  # type: ignore[attr-defined]  # set by serve.ingress
+        return await call_asgi(app, method, path, root_path, headers, body)
 
     # -- running a request through infer_batch (batched when configured)
 

@@ -26,6 +26,15 @@ from worker.app import create_app
 _CLEAN = {k: v for k, v in os.environ.items() if not k.startswith(("SYNAPSE_", "RAY_"))}
 
 
+_WITHOUT_RAY = """
+import sys
+sys.modules["ray"] = None  # as in the worker image: `import ray` fails
+from worker.cli import main
+sys.argv = ["synapse-bridge", "worker", "-c", "2"]
+main()
+"""
+
+
 @pytest.fixture
 def queued(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis with one job message in the ``inference`` queue."""
@@ -70,6 +79,12 @@ def _still_queued(server: RedisServer) -> int:
             {"SYNAPSE_HOST": "http://127.0.0.1:9", "SYNAPSE_BRIDGE_SEALING_KEY": "sealing-secret"},
             [sys.executable, "-m", "worker.cli", "worker", "-c", "2"],
             "SYNAPSE_BRIDGE_SEALING_KEY",
+        ),
+        (
+            "the handle transport without Ray",
+            {"SYNAPSE_HOST": "http://127.0.0.1:9", "SYNAPSE_BRIDGE_SERVE_TRANSPORT": "handle"},
+            [sys.executable, "-c", _WITHOUT_RAY],
+            "SYNAPSE_BRIDGE_SERVE_TRANSPORT=handle needs the Python package 'ray'",
         ),
     ],
 )
