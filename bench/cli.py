@@ -66,6 +66,7 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
         "full_jobs": w.full_jobs,
         "concurrency": concurrency,
         "worker_processes": args.worker_processes,
+        "serve_transport": args.serve_transport,
         "profile": bool(args.profile),
         "command": command,
         **({} if plan is None else {"rates": list(plan.rates), "duration_s": plan.duration_s}),
@@ -84,6 +85,7 @@ def run_one(key: str, args: argparse.Namespace, results: Path, command: str) -> 
                 results,
                 profile=args.profile,
                 worker_processes=args.worker_processes,
+                serve_transport=args.serve_transport,
             ) as ctx:
                 result.update(runner(ctx, jobs, concurrency))
                 result["stack"] = ctx.timings
@@ -166,6 +168,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                 ("--rates", args.rates),
                 ("--duration", args.duration),
                 ("--worker-processes", args.worker_processes),
+                ("--serve-transport", args.serve_transport),
             ):
                 if value:
                     sub += [flag, str(value)]
@@ -218,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="the bridge's worker processes, sharing the in-flight jobs (default 1)",
+    )
+    run.add_argument(
+        "--serve-transport",
+        choices=["http", "handle"],
+        default="http",
+        help="the bridge worker's serve calls: through Serve's proxy, or a DeploymentHandle",
     )
     run.add_argument(
         "--profile",

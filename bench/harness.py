@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from bench.pool import cpu_ticks, machine_ticks, mem_total_kb, process_tree, rss_kb, versions
 from examples.classifier.model import write_model_archive as classifier_archive
 
@@ -248,6 +250,7 @@ class Ctx:
     service_token: str
     profile: bool = False
     worker_processes: int = 1  # the bridge's, sharing its in-flight jobs
+    serve_transport: str = "http"  # the bridge worker's: Serve's proxy, or "handle"
     timings: dict[str, float] = field(default_factory=dict)
 
     def final_count(self) -> int:
@@ -263,6 +266,7 @@ def bench_stack(
     *,
     profile: bool = False,
     worker_processes: int = 1,
+    serve_transport: str = "http",
 ) -> Iterator[Ctx]:
     """The demo's stack (backend + Ray Serve on a free port), fresh for this workload."""
     from devtools.demo_env import SERVICE_TOKEN, demo_stack
@@ -294,6 +298,7 @@ def bench_stack(
                 service_token=SERVICE_TOKEN,
                 profile=profile,
                 worker_processes=worker_processes,
+                serve_transport=serve_transport,
             )
             ctx.timings["stack_start_s"] = round(time.perf_counter() - t0, 2)
             yield ctx
@@ -714,7 +719,17 @@ class BridgeSystem:
             "SYNAPSE_BRIDGE_METRICS_PORT": "0",
             "SYNAPSE_BRIDGE_WORKER_CONCURRENCY": str(self.concurrency),
             "SYNAPSE_BRIDGE_SERVE_MAX_CONNECTIONS": str(max(100, self.concurrency)),
+            **self.transport_env(),
             **self.extra_env,
+        }
+
+    def transport_env(self) -> dict[str, str]:
+        """With the handle transport, the worker joins this process's Ray cluster."""
+        if self.ctx.serve_transport == "http":
+            return {}
+        return {
+            "SYNAPSE_BRIDGE_SERVE_TRANSPORT": self.ctx.serve_transport,
+            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
         }
 
     def start(self, redis_url: str) -> None:
