@@ -43,6 +43,7 @@ from ray import serve
 
 from bench.harness import CpuWindow, all_process_ticks, dist_ms, machine_info
 from local_backend.server import free_port
+from serve_runtime.asgi_call import Headers, call_asgi
 
 APP = "handle-path"
 BODY = {"inputs": [[5.1, 3.5, 1.4, 0.2]], "request_id": "x" * 32}
@@ -56,43 +57,6 @@ def answer_for(body: dict[str, Any]) -> dict[str, Any]:
     return {"predictions": [max(range(len(r)), key=r.__getitem__) for r in rows], "n": len(rows)}
 
 
-async def run_asgi(app: Any, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes]:
-    """``POST /`` through ``app``; its status and body."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 0),
-        "server": ("127.0.0.1", 0),
-    }
-    sent = False
-    status, chunks = 500, []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, b"".join(chunks)
-
-
 @serve.deployment(max_ongoing_requests=200, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Transport:
@@ -103,10 +67,11 @@ class Transport:
     async def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         return answer_for(body)
 
-    async def asgi(self, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes]:
+    async def asgi(self, headers: Headers, body: bytes) -> tuple[int, Headers, bytes]:
         """The HTTP request run through this replica's own ASGI app (FastAPI, its
-        middleware and endpoint), in process: what the proxy would have sent it."""
-        return await run_asgi(self._asgi_app, headers, body)  # type: ignore[attr-defined]
+        middleware and endpoint), in process, as the product's handle transport does."""
+        app = self._asgi_app  # type: ignore[attr-defined]
+        return await call_asgi(app, "POST", "/", "", headers, body)
 
 
 def pids_titled(prefix: str) -> list[int]:
@@ -180,7 +145,7 @@ def run(calls: int, threads: int, rounds: int) -> dict[str, Any]:
             headers = [(b"content-type", b"application/json")]
 
             def by_handle_asgi() -> dict[str, Any]:
-                status, body = handle.asgi.remote(headers, raw).result(timeout_s=30)
+                status, _, body = handle.asgi.remote(headers, raw).result(timeout_s=30)
                 if status != 200:
                     raise RuntimeError(f"status {status}: {body[:200]!r}")
                 return json.loads(body)
