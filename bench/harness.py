@@ -738,12 +738,11 @@ class BridgeSystem:
         if self.profile_out is None:
             from devtools.demo import start_worker
 
-            per = -(-self.concurrency // self.ctx.worker_processes)
-            self.proc = start_worker(self.workdir, env, per)
+            self.proc = start_worker(self.workdir, env, self.threads_each)
             self.worker_pid = self.proc.pid
             for i in range(1, self.ctx.worker_processes):
                 (self.workdir / f"w{i}").mkdir(exist_ok=True)
-                self.more.append(start_worker(self.workdir / f"w{i}", env, per))
+                self.more.append(start_worker(self.workdir / f"w{i}", env, self.threads_each))
             return
         prefix, self.profiler = profiler_command(self.profile_out)
         logf = (self.workdir / "worker.log").open("ab")
@@ -766,17 +765,23 @@ class BridgeSystem:
         else:
             self.worker_pid = self.proc.pid
 
+    @property
+    def threads_each(self) -> int:
+        """Each worker process's share of the in-flight jobs (rounded up)."""
+        return -(-self.concurrency // self.ctx.worker_processes)
+
+    def _roots(self) -> list[int]:
+        """The worker processes (under a profiler: the worker, not the profiler)."""
+        return ([self.worker_pid] if self.worker_pid else []) + [p.pid for p in self.more]
+
     def alive(self) -> bool:
-        procs = [self.proc, *self.more]
-        return self.proc is not None and all(p is not None and p.poll() is None for p in procs)
+        return self.proc is not None and all(p.poll() is None for p in (self.proc, *self.more))
 
     def pids(self) -> list[int]:
-        roots = ([self.worker_pid] if self.worker_pid else []) + [p.pid for p in self.more]
-        return [pid for root in roots for pid in process_tree(root)]
+        return [pid for root in self._roots() for pid in process_tree(root)]
 
     def rss_kb(self) -> int:
-        roots = ([self.worker_pid] if self.worker_pid else []) + [p.pid for p in self.more]
-        return sum(rss_kb(pid) for pid in roots)
+        return sum(rss_kb(pid) for pid in self._roots())
 
     def log_path(self) -> Path:
         return self.workdir / "worker.log"
@@ -809,7 +814,7 @@ class BridgeSystem:
             "command": f"python -m worker.cli worker -c {self.concurrency}"
             if self.ctx.worker_processes == 1
             else f"{self.ctx.worker_processes} x python -m worker.cli worker "
-            f"-c {-(-self.concurrency // self.ctx.worker_processes)}",
+            f"-c {self.threads_each}",
             "routing_mode": self.routing_mode,
             "env": {k: v for k, v in self.env("redis://...").items() if k != "REDIS_URL"},
             "profiler": self.profiler,

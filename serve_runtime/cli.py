@@ -15,6 +15,7 @@ import ray
 from ray import serve as ray_serve
 
 from config import get_settings
+from serve_runtime import ray_driver
 from serve_runtime.applications import routes
 from serve_runtime.deploy import deploy
 
@@ -55,12 +56,12 @@ def serve_deploy(plugin_dir: Path, action: str, block: bool | None) -> None:
 
 
 def _connect() -> None:
-    address = get_settings().ray_address or "auto"
+    address = get_settings().ray_address
     try:
-        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        ray_driver.join(address)
     except ConnectionError as e:
         raise click.ClickException(
-            f"no Ray cluster at {address}: start one (synapse-bridge serve deploy) "
+            f"no Ray cluster at {address or 'auto'}: start one (synapse-bridge serve deploy) "
             "or set RAY_ADDRESS"
         ) from e
 

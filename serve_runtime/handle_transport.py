@@ -18,20 +18,17 @@ serves is a 404, as the proxy answers.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
-import ray
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from config import Settings
+from serve_runtime import ray_driver
 from serve_runtime.applications import routes
 from serve_runtime.tokens import MODEL_TOKEN_HEADER
 
@@ -43,20 +40,14 @@ class HandleTransport(httpx.BaseTransport):
     """An httpx transport whose requests go to Serve applications through handles."""
 
     def __init__(self, settings: Settings) -> None:
-        if not ray.is_initialized():
-            try:
-                with _signal_handlers_kept():
-                    ray.init(
-                        address=settings.ray_address or "auto",
-                        log_to_driver=False,
-                        ignore_reinit_error=True,
-                    )
-            except ConnectionError as e:
-                raise ConnectionError(
-                    "SYNAPSE_BRIDGE_SERVE_TRANSPORT=handle: no Ray cluster at "
-                    f"{settings.ray_address or 'auto'} (set RAY_ADDRESS to the cluster's "
-                    "address, or use the http transport)"
-                ) from e
+        try:
+            ray_driver.join(settings.ray_address)
+        except ConnectionError as e:
+            raise ConnectionError(
+                "SYNAPSE_BRIDGE_SERVE_TRANSPORT=handle: no Ray cluster at "
+                f"{settings.ray_address or 'auto'} (set RAY_ADDRESS to the cluster's "
+                "address, or use the http transport)"
+            ) from e
         self._lock = threading.Lock()
         self._routes: dict[str, str] = {}  # route prefix -> application name
         self._routes_at = 0.0
@@ -93,16 +84,20 @@ class HandleTransport(httpx.BaseTransport):
         return httpx.Response(status, headers=out_headers, content=body, request=request)
 
     def _app_for(self, path: str) -> tuple[str, str] | None:
-        """The application serving ``path`` (the longest route prefix that holds it)."""
-        for fresh in (False, True):
-            with self._lock:
-                if fresh or time.monotonic() - self._routes_at > ROUTES_FRESH_S:
-                    self._read_routes()
+        """The application serving ``path`` (the longest route prefix that holds it);
+        the route table is read again when stale, or on a miss unless just read."""
+        with self._lock:
+            stale = time.monotonic() - self._routes_at > ROUTES_FRESH_S
+            if stale:
+                self._read_routes()
+            matches = [p for p in self._routes if _under(path, p)]
+            if not matches and not stale:
+                self._read_routes()
                 matches = [p for p in self._routes if _under(path, p)]
-            if matches:
-                prefix = max(matches, key=len)
-                return self._routes[prefix], prefix
-        return None
+            if not matches:
+                return None
+            prefix = max(matches, key=len)
+            return self._routes[prefix], prefix
 
     def _read_routes(self) -> None:
         self._routes = {prefix: name for name, prefix in routes().items() if prefix}
@@ -120,26 +115,6 @@ class HandleTransport(httpx.BaseTransport):
         with self._lock:
             self._handles.pop(app_name, None)
             self._routes_at = 0.0
-
-
-@contextlib.contextmanager
-def _signal_handlers_kept() -> Iterator[None]:
-    """Keep the process's SIGTERM and SIGINT handlers across ``ray.init``.
-
-    A driver's ``ray.init`` replaces them (SIGTERM: exit at once, after a stack dump
-    from Ray's failure handler), which would turn a worker's warm shutdown, finishing
-    its running jobs, into a kill. Only the main thread can set handlers.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in kept.items():
-            if handler is not None:
-                signal.signal(sig, handler)
 
 
 def _under(path: str, prefix: str) -> bool:
