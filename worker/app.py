@@ -36,6 +36,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        # Celery lowers a reconnected worker's prefetch and raises it from each late
+        # ack, i.e. from our pool's threads: a synchronous basic_qos on the consumer's
+        # AMQP connection, read by several threads at once, which deadlocks the worker
+        # until the broker drops it (tests/test_broker_restart.py). Prefetch is 1 a
+        # thread anyway; reconnecting at full prefetch only queues jobs for threads.
+        worker_enable_prefetch_count_reduction=False,
         task_default_queue=QUEUE,
         task_default_exchange=QUEUE,
         task_default_routing_key=QUEUE,
