@@ -63,6 +63,15 @@ end
 return out
 """
 
+# A job started: entry and due time go together. One command, where MULTI/EXEC took four
+# and, per job, cost the worker more CPU than both final-write scripts (W2 profile).
+# KEYS: entry, due set. ARGV: job id.
+_STARTED = """
+redis.call('del', KEYS[1])
+redis.call('zrem', KEYS[2], ARGV[1])
+return 1
+"""
+
 # The ledger as an earlier version kept it (one hash, no TTL): each field becomes an
 # entry with the TTL (unless a newer one exists), then the hash goes.
 _MIGRATE = """
@@ -93,6 +102,7 @@ class Ledger:
         self.grace_s = grace_s
         self.ttl_s = ttl
         self._claim = r.register_script(_CLAIM)
+        self._started = r.register_script(_STARTED)
         self._migrate = r.register_script(_MIGRATE)
         self._migrated = False
 
@@ -110,10 +120,7 @@ class Ledger:
 
     def started(self, job_id: str) -> None:
         """The job started (or is final): the broker's redelivery covers it from here."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(ENTRY_PREFIX + job_id)
-        pipe.zrem(DUE, job_id)
-        pipe.execute()
+        self._started(keys=[ENTRY_PREFIX + job_id, DUE], args=[job_id])
 
     def sweep(
         self,
