@@ -42,7 +42,8 @@ class Services:
     @classmethod
     def build(cls, settings: Settings | None = None) -> Services:
         s = settings or get_settings()
-        r = connect_redis(s.redis)
+        # a connection per task thread, and some for the flusher, marks and batches
+        r = connect_redis(s.redis, max_connections=s.worker_concurrency + 16)
         backend = BackendAPI(s)
         admission = None
         if s.active_models > 0:
