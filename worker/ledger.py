@@ -37,6 +37,8 @@ from typing import Any
 import redis
 import structlog
 
+from worker.script_batch import ScriptHost
+
 log = structlog.get_logger("worker.ledger")
 
 ENTRY_PREFIX = "synapse:ledger:"
@@ -92,7 +94,16 @@ def _text(value: str | bytes) -> str:
 class Ledger:
     """Jobs published but not yet started, in Redis (client with or without decoding)."""
 
-    def __init__(self, r: redis.Redis, grace_s: float, ttl_s: float | None = None) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        grace_s: float,
+        ttl_s: float | None = None,
+        *,
+        scripts: ScriptHost | None = None,
+    ) -> None:
+        """``scripts``: where ``started`` runs (a ``ScriptBatch`` pipelines the calls of
+        many threads); by default alone on ``r``."""
         if grace_s <= 0:
             raise ValueError("grace_s must be positive")
         ttl = TTL_GRACES * grace_s if ttl_s is None else ttl_s
@@ -102,7 +113,7 @@ class Ledger:
         self.grace_s = grace_s
         self.ttl_s = ttl
         self._claim = r.register_script(_CLAIM)
-        self._started = r.register_script(_STARTED)
+        self._started = (scripts or r).register_script(_STARTED)
         self._migrate = r.register_script(_MIGRATE)
         self._migrated = False
 

@@ -22,6 +22,7 @@ from worker.ledger import Ledger
 from worker.redis_conn import connect_redis
 from worker.retry import RetryPolicy
 from worker.running_mark import RunningMarks
+from worker.script_batch import ScriptBatch
 from worker.writeback import WriteBack
 
 
@@ -55,6 +56,7 @@ class Services:
                 max_wait_s=s.model_max_wait_s,
             )
         serve = ServeClient(s)
+        scripts = ScriptBatch(r)
         return cls(
             settings=s,
             redis=r,
@@ -66,8 +68,8 @@ class Services:
                 wait_s=s.coalesce_wait_s,
                 max_calls=s.coalesce_calls,
             ),
-            writeback=WriteBack(backend, r, s),
-            ledger=Ledger(r, grace_s=float(s.visibility_timeout_s)),
+            writeback=WriteBack(backend, r, s, scripts=scripts),
+            ledger=Ledger(r, grace_s=float(s.visibility_timeout_s), scripts=scripts),
             marks=RunningMarks(s.running_mark_after_s),
             retry=RetryPolicy.from_settings(s),
             admission=admission,

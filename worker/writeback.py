@@ -47,6 +47,7 @@ from worker.backend_api import (
     BackendRejected,
     BackendUnavailable,
 )
+from worker.script_batch import ScriptHost
 
 log = structlog.get_logger("worker.writeback")
 
@@ -67,6 +68,12 @@ _SETTLED = ("written", "already_final", "failed_instead")
 # A call under a job's lock is cut this long before the lock would run out
 # (Settings.job_lock_s: three calls' deadlines plus a margin).
 _FENCE_S = 2.0
+
+# Done here, and the record waiting in the outbox ('' for none). KEYS: done marker,
+# outbox. ARGV: job id.
+_STATE = """
+return {redis.call('exists', KEYS[1]), redis.call('hget', KEYS[2], ARGV[1]) or ''}
+"""
 
 _RELEASE_LOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -133,18 +140,27 @@ class WriteBack:
     intermediate ones (``update``), on one backend and one Redis."""
 
     def __init__(
-        self, backend: BackendAPI, r: redis.Redis, settings: Settings | None = None
+        self,
+        backend: BackendAPI,
+        r: redis.Redis,
+        settings: Settings | None = None,
+        *,
+        scripts: ScriptHost | None = None,
     ) -> None:
+        """``scripts``: where the per-job scripts run (a ``ScriptBatch`` pipelines the
+        calls of many threads); by default each call alone on ``r``."""
         self.backend = backend
         self.redis = r
         self.settings = settings or get_settings()
         self.call_s = self.settings.backend_timeout_s
         self.lock_s = self.settings.job_lock_s  # above every call made under the lock
-        self._release = r.register_script(_RELEASE_LOCK)
-        self._claim = r.register_script(_CLAIM)
-        self._claim_update = r.register_script(_CLAIM_UPDATE)
-        self._complete = r.register_script(_COMPLETE)
-        self._bury = r.register_script(_BURY)
+        host = scripts or r
+        self._state = host.register_script(_STATE)
+        self._release = host.register_script(_RELEASE_LOCK)
+        self._claim = host.register_script(_CLAIM)
+        self._claim_update = host.register_script(_CLAIM_UPDATE)
+        self._complete = host.register_script(_COMPLETE)
+        self._bury = host.register_script(_BURY)
 
     # -- what is known here
 
@@ -154,11 +170,8 @@ class WriteBack:
 
     def state(self, job_id: str) -> tuple[bool, dict[str, Any] | None]:
         """``(is_done, pending record)`` in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.exists(DONE_PREFIX + job_id)
-        pipe.hget(OUTBOX, job_id)
-        done, raw = pipe.execute()
-        return bool(done), (json.loads(raw) if raw else None)
+        done, raw = self._state(keys=[DONE_PREFIX + job_id, OUTBOX], args=[job_id])
+        return bool(int(done)), (json.loads(raw) if raw else None)
 
     # -- the final write
 
