@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ray
 
 from bench.pool import cpu_ticks, machine_ticks, mem_total_kb, process_tree, rss_kb, versions
 from examples.classifier.model import write_model_archive as classifier_archive
+from local_backend.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMACCEL = ROOT / "bench" / "plugins" / "simaccel"
@@ -271,7 +273,6 @@ def bench_stack(
     """The demo's stack (backend + Ray Serve on a free port), fresh for this workload."""
     from devtools.demo_env import SERVICE_TOKEN, demo_stack
     from local_backend.client import AdminClient
-    from local_backend.server import free_port
 
     # A fresh local Ray, never one named by the environment (a test session's, say).
     for var in (
@@ -710,6 +711,7 @@ class BridgeSystem:
         self.proc: subprocess.Popen[bytes] | None = None
         self.worker_pid: int | None = None
         self.more: list[subprocess.Popen[bytes]] = []  # processes 2..P
+        self.metrics_ports: list[int] = []  # each worker process's Prometheus port
 
     def env(self, redis_url: str) -> dict[str, str]:
         return {
@@ -735,6 +737,8 @@ class BridgeSystem:
     def start(self, redis_url: str) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = self.env(redis_url)
+        self.metrics_ports = [free_port() for _ in range(self.ctx.worker_processes)]
+        env["SYNAPSE_BRIDGE_METRICS_PORT"] = str(self.metrics_ports[0])
         if self.profile_out is None:
             from devtools.demo import start_worker
 
@@ -742,8 +746,10 @@ class BridgeSystem:
             self.worker_pid = self.proc.pid
             for i in range(1, self.ctx.worker_processes):
                 (self.workdir / f"w{i}").mkdir(exist_ok=True)
-                self.more.append(start_worker(self.workdir / f"w{i}", env, self.threads_each))
+                env_i = {**env, "SYNAPSE_BRIDGE_METRICS_PORT": str(self.metrics_ports[i])}
+                self.more.append(start_worker(self.workdir / f"w{i}", env_i, self.threads_each))
             return
+        self.metrics_ports = self.metrics_ports[:1]
         prefix, self.profiler = profiler_command(self.profile_out)
         logf = (self.workdir / "worker.log").open("ab")
         cmd = [*prefix, sys.executable, "-m", "worker.cli", "worker", "-c", str(self.concurrency)]
@@ -773,6 +779,19 @@ class BridgeSystem:
     def _roots(self) -> list[int]:
         """The worker processes (under a profiler: the worker, not the profiler)."""
         return ([self.worker_pid] if self.worker_pid else []) + [p.pid for p in self.more]
+
+    def serve_calls(self) -> tuple[float, float]:
+        """(serve calls, jobs they carried) through the coalescer so far, over the
+        worker processes, from their Prometheus metrics: the mean group size."""
+        calls = items = 0.0
+        for port in self.metrics_ports:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for line in text.splitlines():
+                if line.startswith("synapse_coalesced_call_items_count"):
+                    calls += float(line.split()[-1])
+                elif line.startswith("synapse_coalesced_call_items_sum"):
+                    items += float(line.split()[-1])
+        return calls, items
 
     def alive(self) -> bool:
         return self.proc is not None and all(p.poll() is None for p in (self.proc, *self.more))
@@ -1002,6 +1021,13 @@ def queued_system(
         redis.close()
 
 
+def _mean_group(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Jobs per serve call between two ``BridgeSystem.serve_calls`` readings (None when
+    the coalescer sent nothing: coalescing off)."""
+    calls, items = after[0] - before[0], after[1] - before[1]
+    return round(items / calls, 2) if calls else None
+
+
 def run_queued(
     ctx: Ctx,
     system: BridgeSystem | PeerSystem,
@@ -1061,6 +1087,7 @@ def run_queued(
             }
         ).start()
         patches0 = ctx.admin.stats()["patches"]
+        calls0 = system.serve_calls() if isinstance(system, BridgeSystem) else None
         t_send = time.perf_counter()
         sent = produce(ctx, system.name, redis.url, specs, release, tag, sequential=sequential)
         figures["producer_send_s"] = round(sent.get("send_s", time.perf_counter() - t_send), 3)
@@ -1076,6 +1103,8 @@ def run_queued(
         figures["backend_patches_per_job"] = round(
             (ctx.admin.stats()["patches"] - patches0) / max(1, len(specs)), 3
         )
+        if calls0 is not None:
+            figures["mean_group"] = _mean_group(calls0, system.serve_calls())
         if stop_during is not None:
             figures["during"] = stop_during()
             stop_during = None

@@ -372,9 +372,13 @@ def make_plots(results: dict[str, dict[str, Any]], plots: Path) -> dict[str, lis
 def _systems_table(r: dict[str, Any]) -> list[str]:
     unit = r.get("unit", "jobs/s")
     accel = any("accel" in s for s in r["systems"])
+    batch = not accel and any("mean_batch" in s for s in r["systems"])
+    group = any("mean_group" in s for s in r["systems"])
     head = (
         f"| system | jobs | ok / failed / lost | {unit} | vs direct | vs peer | "
         + ("vs ceiling | accel busy | mean batch | " if accel else "")
+        + ("mean batch | " if batch else "")
+        + ("jobs per serve call | " if group else "")
         + "p50 ms | p99 ms | service p50 ms | "
         + "CPU ms/job (worker / backend / redis / rest) | machine busy |"
     )
@@ -392,6 +396,10 @@ def _systems_table(r: dict[str, Any]) -> list[str]:
                 f"{_f(s.get('vs_ceiling'), 2)} | {_f(a.get('utilization'), 2)} | "
                 f"{_f(a.get('mean_batch'))} | "
             )
+        if batch:
+            row += f"{_f(s.get('mean_batch'))} | "
+        if group:
+            row += f"{_f(s.get('mean_group'))} | "
         row += (
             f"{_f(_lat(s, 'p50'))} | {_f(_lat(s, 'p99'))} | {_f(service)} | {_cpu(s)} | "
             f"{_f((s.get('machine_busy') or 0) * 100, 0)}% |"

@@ -256,6 +256,18 @@ def _all_rounds_succeeded(rounds: list[list[dict[str, Any]]], n: int) -> dict[st
     )
 
 
+W1_DEPLOYMENT = "ClassifierDeployment"
+
+
+def _note_batches(system: dict[str, Any], spec: Any, before: dict[int, int]) -> dict[int, int]:
+    """The mean device batch of the system's run (warm-up included) on the classifier's
+    replica: how many items each of its forward passes carried. Returns the counts now,
+    the next system's baseline."""
+    after = _batches(spec, W1_DEPLOYMENT)
+    system["mean_batch"] = _mean_batch(before, after)
+    return after
+
+
 def _w1_round(
     ctx: Ctx, rnd: int, n: int, concurrency: int, pop: Population, spec: Any, release: Any
 ) -> list[dict[str, Any]]:
@@ -263,7 +275,9 @@ def _w1_round(
     mode = "compatible"
     tag = f"r{rnd}"
     log(f"W1 round {rnd}, direct: {n} calls, {concurrency} in flight")
+    before = _batches(spec, W1_DEPLOYMENT)
     direct = _direct_classifier(ctx, f"W1-direct-{tag}", n, pop, spec, concurrency)
+    before = _note_batches(direct, spec, before)
     log(f"W1 round {rnd}, peer: {n} jobs")
     peer = run_queued(
         ctx,
@@ -274,6 +288,7 @@ def _w1_round(
         prefix=f"W1-peer-{tag}",
         label="peer",
     )
+    before = _note_batches(peer, spec, before)
     log(f"W1 round {rnd}, bridge: {n} jobs")
     bridge = run_queued(
         ctx,
@@ -290,6 +305,7 @@ def _w1_round(
         prefix=f"W1-bridge-{tag}",
         label="bridge",
     )
+    _note_batches(bridge, spec, before)
     systems = [direct, peer, bridge]
     for s in systems:
         s["round"] = rnd
@@ -1140,8 +1156,9 @@ def digits_body(i: int) -> dict[str, Any]:
     return {"inputs": [DIGIT_ROWS[i % len(DIGIT_ROWS)]]}
 
 
-def _batches(spec: Any) -> dict[int, int]:
-    stats = replica_stats(spec, "DigitsDeployment", 1)
+def _batches(spec: Any, deployment: str = "DigitsDeployment") -> dict[int, int]:
+    """Device batches run so far on the deployment's replica, by size."""
+    stats = replica_stats(spec, deployment, 1)
     return {int(k): v for s in stats.values() for k, v in s["batch_sizes"].items()}
 
 
