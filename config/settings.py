@@ -162,9 +162,11 @@ class Settings(BaseSettings):
     # as one call of up to COALESCE_MAX_ITEMS (1: every job its own call). While its
     # model has fewer than COALESCE_CALLS calls in flight a job goes at once; else it
     # waits for a call to be answered, at most COALESCE_WAIT seconds (bench W6 plots
-    # throughput against latency by wait).
+    # throughput against latency by wait). One call per model: at W1's 16 jobs in
+    # flight, 2 sent 1.33 jobs per call and 1 sent 1.99 (bench/FINDINGS.md); raise it
+    # to feed several replicas of one model from one worker process.
     coalesce_max_items: int = _env("SYNAPSE_BRIDGE_COALESCE_MAX_ITEMS", default=32)
-    coalesce_calls: int = _env("SYNAPSE_BRIDGE_COALESCE_CALLS", default=2)
+    coalesce_calls: int = _env("SYNAPSE_BRIDGE_COALESCE_CALLS", default=1)
     coalesce_wait_s: float = _env("SYNAPSE_BRIDGE_COALESCE_WAIT", default=0.1)
     batch_chunk_size: int = _env("SYNAPSE_BRIDGE_BATCH_CHUNK_SIZE", default=16)
     batch_max_items: int = _env("SYNAPSE_BRIDGE_BATCH_MAX_ITEMS", default=10_000)
