@@ -164,7 +164,7 @@ WORKLOADS: dict[str, Workload] = {
         "the simulated accelerator of W2 (1 replica, batches of at most 32), 4 models, "
         "8 tenants, model-affine routing; open-loop offered load at rising rates, each "
         "held a fixed time; the peer, and the bridge with coalescing off and at waits "
-        "of 10, 100 (the default) and 500 ms (at most 32 items, 2 calls per model in flight)",
+        "of 10, 100 (the default) and 500 ms (at most 32 items, 1 call per model in flight)",
     ),
 }
 
