@@ -1,6 +1,6 @@
 """The client's CPU per request through one shared httpx client, by thread count (issue 13).
 
-    python -m bench.http_pool [--threads 16,64,192] [--clients single,sharded]
+    python -m bench.http_pool [--threads 16,64,192] [--clients single,sharded,async]
                               [--connections 100] [--delay-ms 20] [--seconds 3]
                               [--repeats 3] [--count]
 
@@ -13,7 +13,9 @@ reports CPU ms per request: the median of ``--repeats`` runs, the kinds alternat
 ``--count`` also counts the connection-state checks httpcore's pool makes per request
 (a figure the machine's load does not move; the counting costs CPU itself).
 ``single`` is a plain ``httpx.Client`` (what the worker had); ``sharded`` (or
-``sharded:N``, N connections per shard) is ``serve_runtime.http_pool.ShardedTransport``.
+``sharded:N``, N connections per shard) is ``serve_runtime.http_pool.ShardedTransport``;
+``async`` is one ``httpx.AsyncClient`` on one event loop, with as many tasks as threads:
+what an asyncio core in the worker would send its calls through.
 
 To see where the time goes, profile one configuration (the server is another process
 and is not sampled)::
@@ -139,8 +141,52 @@ def counting_checks() -> Iterator[itertools.count[int]]:
 def run_one(
     kind: str, threads: int, url: str, connections: int, seconds: float, count: bool = False
 ) -> dict[str, Any]:
+    if kind == "async":
+        return asyncio.run(_run_async(threads, url, connections, seconds))
     with counting_checks() if count else contextlib.nullcontext() as calls:
         return _run(kind, threads, url, connections, seconds, calls)
+
+
+async def _run_async(tasks: int, url: str, connections: int, seconds: float) -> dict[str, Any]:
+    """``tasks`` coroutines posting in a loop through one ``httpx.AsyncClient``."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    done = [0]
+    errors: list[str] = []
+    stop, counting = asyncio.Event(), asyncio.Event()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as client:
+
+        async def loop() -> None:
+            while not stop.is_set():
+                try:
+                    r = await client.post(url, json={"inputs": [1, 2, 3]})
+                    r.raise_for_status()
+                    if counting.is_set():
+                        done[0] += 1
+                except httpx.HTTPError as e:
+                    errors.append(type(e).__name__)
+
+        running = [asyncio.create_task(loop()) for _ in range(tasks)]
+        await asyncio.sleep(min(2.0, seconds / 2))  # warm-up, as for the threads
+        counting.set()
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        cpu1, wall1 = time.process_time(), time.monotonic()
+        n = done[0]
+        pool = getattr(client._transport, "_pool", None)
+        opened = len(pool.connections) if pool is not None else -1
+        stop.set()
+        await asyncio.gather(*running)
+    return {
+        "client": "async",
+        "threads": tasks,
+        "requests": n,
+        "errors": errors,
+        "req_per_s": n / (wall1 - wall0),
+        "cpu_ms_per_req": 1000 * (cpu1 - cpu0) / max(n, 1),
+        "cpu_share": (cpu1 - cpu0) / (wall1 - wall0),
+        "connections": opened,
+        "checks_per_req": None,
+    }
 
 
 def _run(
@@ -237,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{kind:10} {threads:7d} {r['req_per_s']:8.0f} {r['cpu_ms_per_req']:10.3f} "
                     f"{100 * r['cpu_share']:5.0f} {errs or 0}   ({each})"
-                    + (f"  checks/req {r['checks_per_req']:.0f}" if a.count else "")
+                    + (
+                        f"  checks/req {r['checks_per_req']:.0f}"
+                        if a.count and r["checks_per_req"] is not None
+                        else ""
+                    )
                     + f"  conns {r['connections']}",
                     flush=True,
                 )
