@@ -25,11 +25,11 @@ from typing import Any
 
 from bench.harness import (
     CpuWindow,
-    all_process_ticks,
     bench_stack,
     deploy_plugin,
     machine_info,
     make_population,
+    pids_titled,
     seed_population,
 )
 from bench.workloads import classifier_body
@@ -37,10 +37,6 @@ from config import load_settings
 from devtools.demo_env import EXAMPLE_PLUGIN
 from serve_runtime.client import ServeClient
 from serve_runtime.errors import ServeError
-
-
-def pids_titled(prefix: str) -> list[int]:
-    return [pid for pid, (name, _) in all_process_ticks().items() if name.startswith(prefix)]
 
 
 def run(items: int, sizes: list[int], threads: int, rounds: int) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 
-from bench.harness import CpuWindow, all_process_ticks, dist_ms, machine_info
+from bench.harness import CpuWindow, dist_ms, machine_info, pids_titled
 from local_backend.server import free_port
 from serve_runtime.asgi_call import Headers, call_asgi
 
@@ -72,10 +72,6 @@ class Transport:
         middleware and endpoint), in process, as the product's handle transport does."""
         app = self._asgi_app  # type: ignore[attr-defined]
         return await call_asgi(app, "POST", "/", "", headers, body)
-
-
-def pids_titled(prefix: str) -> list[int]:
-    return [pid for pid, (name, _) in all_process_ticks().items() if name.startswith(prefix)]
 
 
 def measure(call: Any, calls: int, threads: int) -> dict[str, Any]:

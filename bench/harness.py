@@ -394,6 +394,11 @@ def all_process_ticks() -> dict[int, tuple[str, int]]:
     return out
 
 
+def pids_titled(prefix: str) -> list[int]:
+    """The processes whose short name (a Ray actor's title) starts with ``prefix``."""
+    return [pid for pid, (name, _) in all_process_ticks().items() if name.startswith(prefix)]
+
+
 class CpuWindow:
     """CPU seconds per group of processes, and the machine's busy share, over a window."""
 

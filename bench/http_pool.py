@@ -176,17 +176,7 @@ async def _run_async(tasks: int, url: str, connections: int, seconds: float) -> 
         opened = len(pool.connections) if pool is not None else -1
         stop.set()
         await asyncio.gather(*running)
-    return {
-        "client": "async",
-        "threads": tasks,
-        "requests": n,
-        "errors": errors,
-        "req_per_s": n / (wall1 - wall0),
-        "cpu_ms_per_req": 1000 * (cpu1 - cpu0) / max(n, 1),
-        "cpu_share": (cpu1 - cpu0) / (wall1 - wall0),
-        "connections": opened,
-        "checks_per_req": None,
-    }
+    return _result("async", tasks, n, errors, cpu1 - cpu0, wall1 - wall0, opened, None)
 
 
 def _run(
@@ -230,16 +220,31 @@ def _run(
     for t in pool:
         t.join(timeout=60)
     client.close()
+    checks = checks1 - checks0 if calls is not None else None
+    return _result(kind, threads, n, errors, cpu1 - cpu0, wall1 - wall0, opened, checks)
+
+
+def _result(
+    kind: str,
+    threads: int,
+    n: int,
+    errors: list[str],
+    cpu_s: float,
+    wall_s: float,
+    opened: int,
+    checks: int | None,
+) -> dict[str, Any]:
+    """One run's figures: ``n`` requests in ``wall_s``, costing ``cpu_s`` of this process."""
     return {
         "client": kind,
         "threads": threads,
         "requests": n,
         "errors": errors,
-        "req_per_s": n / (wall1 - wall0),
-        "cpu_ms_per_req": 1000 * (cpu1 - cpu0) / max(n, 1),
-        "cpu_share": (cpu1 - cpu0) / (wall1 - wall0),
+        "req_per_s": n / wall_s,
+        "cpu_ms_per_req": 1000 * cpu_s / max(n, 1),
+        "cpu_share": cpu_s / wall_s,
         "connections": opened,
-        "checks_per_req": (checks1 - checks0) / max(n, 1) if calls is not None else None,
+        "checks_per_req": checks / max(n, 1) if checks is not None else None,
     }
 
 
