@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import json
 import os
+import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,10 +32,21 @@ from typing import Any
 
 import httpx
 import ray
+import redis
+from ray import serve
 
+from bench import peer
 from bench.pool import cpu_ticks, machine_ticks, mem_total_kb, process_tree, rss_kb, versions
+from config import load_plugin_config, load_settings
+from config.plugin import ServeOptions
+from devtools.demo import start_worker
+from devtools.demo_env import SERVICE_TOKEN, demo_stack
+from devtools.redis_server import RedisServer
 from examples.classifier.model import write_model_archive as classifier_archive
+from local_backend.client import AdminClient
 from local_backend.server import free_port
+from serve_runtime.client import ServeClient
+from serve_runtime.deploy import deploy
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMACCEL = ROOT / "bench" / "plugins" / "simaccel"
@@ -86,8 +99,6 @@ def timeline(times: list[float], start: float, bin_s: float | None = None) -> di
 
 
 def machine_info() -> dict[str, Any]:
-    import platform
-
     cpu_model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -106,8 +117,6 @@ def machine_info() -> dict[str, Any]:
 
 def all_versions() -> dict[str, str]:
     out = versions()
-    import httpx
-
     out["httpx"] = httpx.__version__
     return out
 
@@ -271,9 +280,6 @@ def bench_stack(
     serve_transport: str = "http",
 ) -> Iterator[Ctx]:
     """The demo's stack (backend + Ray Serve on a free port), fresh for this workload."""
-    from devtools.demo_env import SERVICE_TOKEN, demo_stack
-    from local_backend.client import AdminClient
-
     # A fresh local Ray, never one named by the environment (a test session's, say).
     for var in (
         "RAY_ADDRESS",
@@ -307,9 +313,6 @@ def bench_stack(
 
 def serve_options(plugin_dir: Path, action: str, **raw: Any) -> dict[str, Any]:
     """``deploy()`` overrides, validated against the plugin's serve options model."""
-    from config import load_plugin_config
-    from config.plugin import ServeOptions
-
     base = load_plugin_config(plugin_dir).action(action).serve
     merged = ServeOptions.model_validate({**base.model_dump(exclude_none=True), **raw})
     return {k: getattr(merged, k) for k in raw}
@@ -323,8 +326,6 @@ def deploy_plugin(
     **raw_overrides: Any,
 ) -> Any:
     """Deploy with ``serve_runtime.deploy.deploy``; ``env`` reaches the replicas."""
-    from serve_runtime.deploy import deploy
-
     # serve.ingress rewrites the FastAPI app's routes in place: give each deploy of a
     # plugin that is not an installed package a fresh import (and so a fresh app).
     root = str(Path(plugin_dir).resolve())
@@ -345,8 +346,6 @@ def deploy_plugin(
 
 
 def release_of(plugin_dir: Path) -> dict[str, str]:
-    from config import load_plugin_config
-
     cfg = load_plugin_config(plugin_dir)
     return {"code": cfg.code, "version": cfg.version}
 
@@ -479,9 +478,6 @@ def direct_calls(
     ctx: Ctx, specs: list[dict[str, Any]], route_prefix: str, routing_mode: str
 ) -> tuple[str, list[tuple[dict[str, str], Any]]]:
     """The URL and, per job, the headers the bridge would send (precomputed, untimed)."""
-    from config import load_settings
-    from serve_runtime.client import ServeClient
-
     client = ServeClient(load_settings(routing_mode=routing_mode))
     try:
         calls = [
@@ -499,8 +495,6 @@ def direct_calls(
 async def _direct(
     url: str, calls: list[tuple[dict[str, str], Any]], concurrency: int
 ) -> list[tuple[float, float, int, str]]:
-    import httpx
-
     out: list[tuple[float, float, int, str]] = [(0.0, 0.0, 0, "")] * len(calls)
     next_i = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -570,8 +564,6 @@ def run_direct(
 
 
 def redis_memory(url: str) -> dict[str, int]:
-    import redis
-
     r = redis.Redis.from_url(url)
     try:
         info = r.info("memory")
@@ -582,8 +574,6 @@ def redis_memory(url: str) -> dict[str, int]:
 
 def redis_census(url: str) -> dict[str, Any]:
     """Keys by kind after a run: count, bytes (MEMORY USAGE), how many have no TTL."""
-    import redis
-
     r = redis.Redis.from_url(url)
     kinds = {
         "celery_results": lambda k: k.startswith(b"celery-task-meta-"),
@@ -647,8 +637,6 @@ def settled_redis_memory(url: str, timeout_s: float = 15.0) -> dict[str, int]:
 
 def purge_ttl_keys(url: str) -> int:
     """Delete the keys that expire by design (Celery results, bridge done markers)."""
-    import redis
-
     r = redis.Redis.from_url(url)
     n = 0
     try:
@@ -668,8 +656,6 @@ def purge_ttl_keys(url: str) -> int:
 
 def profiler_command(out: Path) -> tuple[list[str], str]:
     """py-spy (SVG flame graph, all subprocesses) or, failing that, pyinstrument."""
-    import shutil
-
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if Path(spy).exists():
         return [spy, "record", "-o", str(out), "--subprocesses", "--"], "py-spy"
@@ -745,8 +731,6 @@ class BridgeSystem:
         self.metrics_ports = [free_port() for _ in range(self.ctx.worker_processes)]
         env["SYNAPSE_BRIDGE_METRICS_PORT"] = str(self.metrics_ports[0])
         if self.profile_out is None:
-            from devtools.demo import start_worker
-
             self.proc = start_worker(self.workdir, env, self.threads_each)
             self.worker_pid = self.proc.pid
             for i in range(1, self.ctx.worker_processes):
@@ -857,10 +841,6 @@ class PeerSystem:
         self.routing_mode = routing_mode
 
     def start(self, redis_url: str) -> None:
-        from ray import serve
-
-        from bench import peer
-
         app = peer.build_app(
             redis_url=redis_url,
             queue=PEER_QUEUE,
@@ -882,10 +862,6 @@ class PeerSystem:
         return Path("(Ray's replica logs under /tmp/ray/session_latest/logs/serve)")
 
     def stop(self) -> None:
-        from ray import serve
-
-        from bench import peer
-
         with contextlib.suppress(Exception):
             serve.delete(peer.APP_NAME)
 
@@ -1009,21 +985,19 @@ def queued_system(
 ) -> Iterator[str]:
     """A system started on a fresh Redis and warmed up, for several measured phases on
     the one system (W6's rates); yields the Redis URL, stops both on the way out."""
-    from devtools.redis_server import RedisServer
-
     create_jobs(ctx, warm, release)
-    redis = RedisServer().start()
+    broker = RedisServer().start()
     try:
-        system.start(redis.url)
+        system.start(broker.url)
         if warm:
             base = ctx.final_count()
-            produce(ctx, system.name, redis.url, warm, release, f"{tag}-warm")
+            produce(ctx, system.name, broker.url, warm, release, f"{tag}-warm")
             wait_final(ctx, base + len(warm), system=system)
             time.sleep(0.5)
-        yield redis.url
+        yield broker.url
     finally:
         system.stop()
-        redis.close()
+        broker.close()
 
 
 def _mean_group(before: tuple[float, float], after: tuple[float, float]) -> float | None:
@@ -1052,33 +1026,31 @@ def run_queued(
     before the measured jobs are sent; returns a ``stop()`` whose result goes into the
     figures as ``during``.
     """
-    from devtools.redis_server import RedisServer
-
     tag = prefix
     create_jobs(ctx, warm + specs, release)
-    redis = RedisServer().start()
+    broker = RedisServer().start()
     figures: dict[str, Any] = {"system": system.name, "label": label, **system.describe()}
     stop_during: Callable[[], Any] | None = None
     samplers: dict[str, Sampler] = {}
     try:
         t0 = time.perf_counter()
-        system.start(redis.url)
+        system.start(broker.url)
         figures["start_s"] = round(time.perf_counter() - t0, 2)
         base = ctx.final_count()
         if warm:
-            produce(ctx, system.name, redis.url, warm, release, f"{tag}-warm")
+            produce(ctx, system.name, broker.url, warm, release, f"{tag}-warm")
             wait_final(ctx, base + len(warm), system=system)
             time.sleep(0.5)
         base = ctx.final_count()
         if soak:
             # The baseline holds no key that expires by design (the warm-up's results and
             # done markers are deleted first), so it compares with the purged end state.
-            figures["redis_warmup_purged_keys"] = purge_ttl_keys(redis.url)
-            figures["redis_baseline"] = settled_redis_memory(redis.url)
-            figures["redis_baseline_census"] = redis_census(redis.url)
+            figures["redis_warmup_purged_keys"] = purge_ttl_keys(broker.url)
+            figures["redis_baseline"] = settled_redis_memory(broker.url)
+            figures["redis_baseline_census"] = redis_census(broker.url)
             assert isinstance(system, BridgeSystem)
             samplers["rss_kb"] = Sampler(system.rss_kb, 1.0)
-            samplers["redis"] = Sampler(lambda: redis_memory(redis.url), 1.0)
+            samplers["redis"] = Sampler(lambda: redis_memory(broker.url), 1.0)
             samplers["final"] = Sampler(lambda: ctx.final_count() - base, 1.0)
             for s in samplers.values():
                 s.start()
@@ -1088,13 +1060,13 @@ def run_queued(
             {
                 "worker": system.pids,
                 "backend": lambda: process_tree(ctx.backend_pid),
-                "redis": lambda: [redis.proc.pid] if redis.proc else [],
+                "redis": lambda: [broker.proc.pid] if broker.proc else [],
             }
         ).start()
         patches0 = ctx.admin.stats()["patches"]
         calls0 = system.serve_calls() if isinstance(system, BridgeSystem) else None
         t_send = time.perf_counter()
-        sent = produce(ctx, system.name, redis.url, specs, release, tag, sequential=sequential)
+        sent = produce(ctx, system.name, broker.url, specs, release, tag, sequential=sequential)
         figures["producer_send_s"] = round(sent.get("send_s", time.perf_counter() - t_send), 3)
         # The backend counts jobs with a full scan: poll less often on big runs.
         wait_final(
@@ -1119,10 +1091,10 @@ def run_queued(
             time.sleep(5)  # let the last writes, acks and result stores settle
             figures["series"] = {k: s.stop() for k, s in samplers.items()}
             samplers = {}
-            figures["redis_after_drain"] = redis_memory(redis.url)
-            figures["redis_census"] = redis_census(redis.url)
-            figures["redis_purged_keys"] = purge_ttl_keys(redis.url)
-            figures["redis_after_purge"] = settled_redis_memory(redis.url)
+            figures["redis_after_drain"] = redis_memory(broker.url)
+            figures["redis_census"] = redis_census(broker.url)
+            figures["redis_purged_keys"] = purge_ttl_keys(broker.url)
+            figures["redis_after_purge"] = settled_redis_memory(broker.url)
             figures["worker_rss_kb_final"] = system.rss_kb()
     finally:
         for s in samplers.values():
@@ -1131,7 +1103,7 @@ def run_queued(
             with contextlib.suppress(Exception):
                 stop_during()
         system.stop()
-        redis.close()
+        broker.close()
     records = job_records(ctx, tag)
     figures.update(summarize_records(records, len(specs)))
     return figures

@@ -4,8 +4,8 @@
 
 A throwaway redis-server; ``--threads`` threads share one client built as the
 worker's (``worker.redis_conn.connect_redis``) and run the write-back's claim script
-(``worker.writeback._CLAIM``, the round trip before each final PATCH) on records
-waiting in an outbox, ``--calls`` in all. ``alone``: each call its own round trip, as
+(``worker.writeback.CLAIM_SCRIPT``, the round trip before each final PATCH) on
+records waiting in an outbox, ``--calls`` in all. ``alone``: each call its own round trip, as
 every job's thread made them; ``batched``: through ``worker.script_batch.ScriptBatch``,
 as the worker now does. Reported: this process's CPU per call (all threads), calls/s
 and calls per pipeline, the median of ``--repeats`` runs, the kinds alternating.
@@ -22,7 +22,7 @@ from typing import Any
 from devtools.redis_server import RedisServer
 from worker.redis_conn import connect_redis
 from worker.script_batch import ScriptBatch
-from worker.writeback import _CLAIM, DONE_PREFIX, LOCK_PREFIX, OUTBOX
+from worker.writeback import CLAIM_SCRIPT, DONE_PREFIX, LOCK_PREFIX, OUTBOX
 
 
 def one_run(url: str, kind: str, threads: int, calls: int) -> dict[str, Any]:
@@ -30,7 +30,8 @@ def one_run(url: str, kind: str, threads: int, calls: int) -> dict[str, Any]:
     r.flushall()
     r.hset(OUTBOX, mapping={f"j{i}": '{"body": {}}' for i in range(calls)})
     batch = ScriptBatch(r)
-    claim = batch.register_script(_CLAIM) if kind == "batched" else r.register_script(_CLAIM)
+    host = batch if kind == "batched" else r
+    claim = host.register_script(CLAIM_SCRIPT)
     claim(keys=[OUTBOX, DONE_PREFIX + "warm", LOCK_PREFIX + "warm"], args=["warm", "", "o", 1])
     batch.pipelines = 0
     ids = iter(range(calls))
