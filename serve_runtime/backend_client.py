@@ -14,6 +14,7 @@ import httpx
 
 from config.errors import BridgeError
 from config.ids import InvalidId, check_model_id, check_tenant
+from serve_runtime.shared_client import SharedAsyncClient
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -60,7 +61,7 @@ class BackendClient:
     def http(self) -> httpx.AsyncClient:
         if self._http is None:  # created lazily, on the event loop that uses it
             # Never follow a redirect: it could take the caller's token to another host.
-            self._http = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
+            self._http = SharedAsyncClient(timeout=self.timeout, follow_redirects=False)
         return self._http
 
     def file_headers(self, url: str, token: str, tenant: str | None) -> dict[str, str]:

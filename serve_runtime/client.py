@@ -33,6 +33,7 @@ from serve_runtime.errors import (
 )
 from serve_runtime.http_pool import ShardedTransport
 from serve_runtime.receipt import EXPECT_HEADER, ReceiptBackend, is_unacknowledged
+from serve_runtime.shared_client import SharedClient
 from serve_runtime.tokens import (
     AFFINE_TOKEN_HEADER,
     MODEL_TOKEN_HEADER,
@@ -87,7 +88,7 @@ class ServeClient:
             max_connections=s.serve_max_connections,
             max_keepalive_connections=s.serve_max_connections,
         )
-        self._http = httpx.Client(
+        self._http = SharedClient(
             timeout=httpx.Timeout(
                 connect=s.serve_connect_timeout_s,
                 read=s.serve_read_timeout_s,

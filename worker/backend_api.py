@@ -32,6 +32,7 @@ from config import Settings, SettingsError, get_settings, redact_text
 from config.errors import BridgeError
 from config.ids import InvalidId, check_job_id, check_tenant
 from serve_runtime.http_pool import ShardedTransport
+from serve_runtime.shared_client import SharedClient
 
 FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 # The forward order of a job's status; the final ones share the last rank.
@@ -200,7 +201,7 @@ class BackendAPI:
         self.deadline_s = settings.backend_timeout_s
         pool = max(64, settings.worker_concurrency + 8)  # every thread may write at once
         limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-        self._http = httpx.Client(
+        self._http = SharedClient(
             base_url=self.base_url + "/",
             headers={"Authorization": f"Token {token}"},
             timeout=httpx.Timeout(self.deadline_s, connect=min(5.0, self.deadline_s)),
