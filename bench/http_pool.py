@@ -1,6 +1,6 @@
 """The client's CPU per request through one shared httpx client, by thread count (issue 13).
 
-    python -m bench.http_pool [--threads 16,64,192] [--clients single,sharded,async]
+    python -m bench.http_pool [--threads 16,64,192] [--clients single,sharded,shared,...]
                               [--connections 100] [--delay-ms 20] [--seconds 3]
                               [--repeats 3] [--count]
 
@@ -12,10 +12,17 @@ warm-up, the run counts requests and this process's CPU time (all threads), and
 reports CPU ms per request: the median of ``--repeats`` runs, the kinds alternating.
 ``--count`` also counts the connection-state checks httpcore's pool makes per request
 (a figure the machine's load does not move; the counting costs CPU itself).
-``single`` is a plain ``httpx.Client`` (what the worker had); ``sharded`` (or
-``sharded:N``, N connections per shard) is ``serve_runtime.http_pool.ShardedTransport``;
-``async`` is one ``httpx.AsyncClient`` on one event loop, with as many tasks as threads:
-what an asyncio core in the worker would send its calls through.
+``single`` is a plain ``httpx.Client`` (what the worker had first); ``sharded`` (or
+``sharded:N``, N connections per shard) is a plain ``httpx.Client`` on
+``serve_runtime.http_pool.ShardedTransport``; ``shared`` is that transport on
+``serve_runtime.shared_client.SharedClient``, which keeps no cookies: the worker's
+client now. ``async`` is one ``httpx.AsyncClient`` on one event loop, with as many tasks
+as threads: what an asyncio core in the worker would send its calls through;
+``aiohttp`` is the same with an ``aiohttp.ClientSession`` (installed with ray[serve]),
+for the cost of an asyncio core on a client other than httpx; ``aiohttp-threads`` is
+that session on one event-loop thread, posted to by as many threads as the others
+have, each waiting on its request's future: the worker's threads kept, its client
+swapped.
 
 To see where the time goes, profile one configuration (the server is another process
 and is not sampled)::
@@ -40,10 +47,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp
 import httpcore
 import httpx
 
 from serve_runtime.http_pool import SHARD_CONNECTIONS, ShardedTransport
+from serve_runtime.shared_client import SharedClient
 
 BODY = json.dumps({"result": [0.1, 0.2, 0.7]}).encode()
 
@@ -100,6 +109,8 @@ def make_client(kind: str, connections: int) -> httpx.Client:
     if kind.startswith("sharded"):  # "sharded" or "sharded:N", N connections per shard
         per = int(kind.partition(":")[2] or SHARD_CONNECTIONS)
         return httpx.Client(timeout=timeout, transport=ShardedTransport(limits, per_shard=per))
+    if kind == "shared":
+        return SharedClient(timeout=timeout, transport=ShardedTransport(limits))
     raise ValueError(f"unknown client kind {kind!r}")
 
 
@@ -143,6 +154,10 @@ def run_one(
 ) -> dict[str, Any]:
     if kind == "async":
         return asyncio.run(_run_async(threads, url, connections, seconds))
+    if kind == "aiohttp":
+        return asyncio.run(_run_aiohttp(threads, url, connections, seconds))
+    if kind == "aiohttp-threads":
+        return _run_aiohttp_threads(threads, url, connections, seconds)
     with counting_checks() if count else contextlib.nullcontext() as calls:
         return _run(kind, threads, url, connections, seconds, calls)
 
@@ -160,6 +175,7 @@ async def _run_async(tasks: int, url: str, connections: int, seconds: float) -> 
                 try:
                     r = await client.post(url, json={"inputs": [1, 2, 3]})
                     r.raise_for_status()
+                    r.json()
                     if counting.is_set():
                         done[0] += 1
                 except httpx.HTTPError as e:
@@ -177,6 +193,92 @@ async def _run_async(tasks: int, url: str, connections: int, seconds: float) -> 
         stop.set()
         await asyncio.gather(*running)
     return _result("async", tasks, n, errors, cpu1 - cpu0, wall1 - wall0, opened, None)
+
+
+async def _run_aiohttp(tasks: int, url: str, connections: int, seconds: float) -> dict[str, Any]:
+    """``tasks`` coroutines posting in a loop through one ``aiohttp.ClientSession``."""
+    done = [0]
+    errors: list[str] = []
+    stop, counting = asyncio.Event(), asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=30.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def loop() -> None:
+            while not stop.is_set():
+                try:
+                    async with session.post(url, json={"inputs": [1, 2, 3]}) as r:
+                        r.raise_for_status()
+                        await r.json()
+                    if counting.is_set():
+                        done[0] += 1
+                except aiohttp.ClientError as e:
+                    errors.append(type(e).__name__)
+
+        running = [asyncio.create_task(loop()) for _ in range(tasks)]
+        await asyncio.sleep(min(2.0, seconds / 2))
+        counting.set()
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        cpu1, wall1 = time.process_time(), time.monotonic()
+        n = done[0]
+        stop.set()
+        await asyncio.gather(*running)
+    return _result("aiohttp", tasks, n, errors, cpu1 - cpu0, wall1 - wall0, -1, None)
+
+
+def _run_aiohttp_threads(
+    threads: int, url: str, connections: int, seconds: float
+) -> dict[str, Any]:
+    """``threads`` threads posting through one ``aiohttp.ClientSession`` on a loop thread."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    async def open_session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections),
+            timeout=aiohttp.ClientTimeout(total=30.0),
+        )
+
+    session = asyncio.run_coroutine_threadsafe(open_session(), loop).result()
+
+    async def post() -> Any:
+        async with session.post(url, json={"inputs": [1, 2, 3]}) as r:
+            r.raise_for_status()
+            return await r.json()
+
+    stop, counting = threading.Event(), threading.Event()
+    done = [0] * threads
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        while not stop.is_set():
+            try:
+                asyncio.run_coroutine_threadsafe(post(), loop).result()
+                if counting.is_set():
+                    done[i] += 1
+            except aiohttp.ClientError as e:
+                errors.append(type(e).__name__)
+
+    pool = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    time.sleep(min(2.0, seconds / 2))
+    counting.set()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    time.sleep(seconds)
+    cpu1, wall1 = time.process_time(), time.monotonic()
+    n = sum(done)
+    counting.clear()
+    stop.set()
+    for t in pool:
+        t.join(timeout=60)
+    asyncio.run_coroutine_threadsafe(session.close(), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    runner.join(timeout=10)
+    loop.close()
+    return _result("aiohttp-threads", threads, n, errors, cpu1 - cpu0, wall1 - wall0, -1, None)
 
 
 def _run(
@@ -198,6 +300,7 @@ def _run(
             try:
                 r = client.post(url, json={"inputs": [1, 2, 3]})
                 r.raise_for_status()
+                r.json()
                 if counting.is_set():
                     done[i] += 1
             except httpx.HTTPError as e:
