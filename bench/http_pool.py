@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -162,123 +162,78 @@ def run_one(
         return _run(kind, threads, url, connections, seconds, calls)
 
 
-async def _run_async(tasks: int, url: str, connections: int, seconds: float) -> dict[str, Any]:
-    """``tasks`` coroutines posting in a loop through one ``httpx.AsyncClient``."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    done = [0]
-    errors: list[str] = []
-    stop, counting = asyncio.Event(), asyncio.Event()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as client:
-
-        async def loop() -> None:
-            while not stop.is_set():
-                try:
-                    r = await client.post(url, json={"inputs": [1, 2, 3]})
-                    r.raise_for_status()
-                    r.json()
-                    if counting.is_set():
-                        done[0] += 1
-                except httpx.HTTPError as e:
-                    errors.append(type(e).__name__)
-
-        running = [asyncio.create_task(loop()) for _ in range(tasks)]
-        await asyncio.sleep(min(2.0, seconds / 2))  # warm-up, as for the threads
-        counting.set()
-        cpu0, wall0 = time.process_time(), time.monotonic()
-        await asyncio.sleep(seconds)
-        cpu1, wall1 = time.process_time(), time.monotonic()
-        n = done[0]
-        pool = getattr(client._transport, "_pool", None)
-        opened = len(pool.connections) if pool is not None else -1
-        stop.set()
-        await asyncio.gather(*running)
-    return _result("async", tasks, n, errors, cpu1 - cpu0, wall1 - wall0, opened, None)
+BODY_SENT = {"inputs": [1, 2, 3]}
 
 
-async def _run_aiohttp(tasks: int, url: str, connections: int, seconds: float) -> dict[str, Any]:
-    """``tasks`` coroutines posting in a loop through one ``aiohttp.ClientSession``."""
-    done = [0]
-    errors: list[str] = []
-    stop, counting = asyncio.Event(), asyncio.Event()
-    connector = aiohttp.TCPConnector(limit=connections)
-    timeout = aiohttp.ClientTimeout(total=30.0)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-        async def loop() -> None:
-            while not stop.is_set():
-                try:
-                    async with session.post(url, json={"inputs": [1, 2, 3]}) as r:
-                        r.raise_for_status()
-                        await r.json()
-                    if counting.is_set():
-                        done[0] += 1
-                except aiohttp.ClientError as e:
-                    errors.append(type(e).__name__)
-
-        running = [asyncio.create_task(loop()) for _ in range(tasks)]
-        await asyncio.sleep(min(2.0, seconds / 2))
-        counting.set()
-        cpu0, wall0 = time.process_time(), time.monotonic()
-        await asyncio.sleep(seconds)
-        cpu1, wall1 = time.process_time(), time.monotonic()
-        n = done[0]
-        stop.set()
-        await asyncio.gather(*running)
-    return _result("aiohttp", tasks, n, errors, cpu1 - cpu0, wall1 - wall0, -1, None)
-
-
-def _run_aiohttp_threads(
-    threads: int, url: str, connections: int, seconds: float
-) -> dict[str, Any]:
-    """``threads`` threads posting through one ``aiohttp.ClientSession`` on a loop thread."""
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-
-    async def open_session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connections),
-            timeout=aiohttp.ClientTimeout(total=30.0),
-        )
-
-    session = asyncio.run_coroutine_threadsafe(open_session(), loop).result()
-
-    async def post() -> Any:
-        async with session.post(url, json={"inputs": [1, 2, 3]}) as r:
-            r.raise_for_status()
-            return await r.json()
-
+def _threads(
+    threads: int,
+    seconds: float,
+    post: Callable[[], Any],
+    failure: type[Exception],
+    probe: Callable[[], int] | None = None,
+) -> tuple[int, list[str], float, float, int | None]:
+    """``threads`` threads calling ``post`` in a loop; after a warm-up (connections
+    opened, threads running), the requests, errors, CPU and wall seconds of a window of
+    ``seconds``, and how far ``probe`` moved over it."""
     stop, counting = threading.Event(), threading.Event()
     done = [0] * threads
     errors: list[str] = []
 
-    def work(i: int) -> None:
+    def loop(i: int) -> None:
         while not stop.is_set():
             try:
-                asyncio.run_coroutine_threadsafe(post(), loop).result()
+                post()
                 if counting.is_set():
                     done[i] += 1
-            except aiohttp.ClientError as e:
+            except failure as e:
                 errors.append(type(e).__name__)
 
-    pool = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
+    pool = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
     for t in pool:
         t.start()
     time.sleep(min(2.0, seconds / 2))
     counting.set()
     cpu0, wall0 = time.process_time(), time.monotonic()
+    probe0 = probe() if probe is not None else 0
     time.sleep(seconds)
+    probe1 = probe() if probe is not None else 0
     cpu1, wall1 = time.process_time(), time.monotonic()
     n = sum(done)
     counting.clear()
     stop.set()
     for t in pool:
         t.join(timeout=60)
-    asyncio.run_coroutine_threadsafe(session.close(), loop).result()
-    loop.call_soon_threadsafe(loop.stop)
-    runner.join(timeout=10)
-    loop.close()
-    return _result("aiohttp-threads", threads, n, errors, cpu1 - cpu0, wall1 - wall0, -1, None)
+    moved = probe1 - probe0 if probe is not None else None
+    return n, errors, cpu1 - cpu0, wall1 - wall0, moved
+
+
+async def _tasks(
+    tasks: int, seconds: float, post: Callable[[], Awaitable[Any]], failure: type[Exception]
+) -> tuple[int, list[str], float, float]:
+    """``_threads`` for coroutines on this event loop."""
+    stop, counting = asyncio.Event(), asyncio.Event()
+    done = [0]
+    errors: list[str] = []
+
+    async def loop() -> None:
+        while not stop.is_set():
+            try:
+                await post()
+                if counting.is_set():
+                    done[0] += 1
+            except failure as e:
+                errors.append(type(e).__name__)
+
+    running = [asyncio.create_task(loop()) for _ in range(tasks)]
+    await asyncio.sleep(min(2.0, seconds / 2))
+    counting.set()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu1, wall1 = time.process_time(), time.monotonic()
+    n = done[0]
+    stop.set()
+    await asyncio.gather(*running)
+    return n, errors, cpu1 - cpu0, wall1 - wall0
 
 
 def _run(
@@ -290,41 +245,82 @@ def _run(
     calls: itertools.count[int] | None,
 ) -> dict[str, Any]:
     client = make_client(kind, connections)
-    stop = threading.Event()
-    counting = threading.Event()
-    done = [0] * threads
-    errors: list[str] = []
 
-    def loop(i: int) -> None:
-        while not stop.is_set():
-            try:
-                r = client.post(url, json={"inputs": [1, 2, 3]})
-                r.raise_for_status()
-                r.json()
-                if counting.is_set():
-                    done[i] += 1
-            except httpx.HTTPError as e:
-                errors.append(type(e).__name__)
+    def post() -> Any:
+        r = client.post(url, json=BODY_SENT)
+        r.raise_for_status()
+        return r.json()
 
-    pool = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
-    for t in pool:
-        t.start()
-    time.sleep(min(2.0, seconds / 2))  # warm-up: connections opened, threads running
-    counting.set()
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    checks0 = next(calls) if calls is not None else 0
-    time.sleep(seconds)
-    checks1 = next(calls) if calls is not None else 0
-    cpu1, wall1 = time.process_time(), time.monotonic()
-    n = sum(done)
+    probe = (lambda: next(calls)) if calls is not None else None
+    n, errors, cpu, wall, checks = _threads(threads, seconds, post, httpx.HTTPError, probe)
     opened = open_connections(client)
-    counting.clear()
-    stop.set()
-    for t in pool:
-        t.join(timeout=60)
     client.close()
-    checks = checks1 - checks0 if calls is not None else None
-    return _result(kind, threads, n, errors, cpu1 - cpu0, wall1 - wall0, opened, checks)
+    return _result(kind, threads, n, errors, cpu, wall, opened, checks)
+
+
+async def _run_async(tasks: int, url: str, connections: int, seconds: float) -> dict[str, Any]:
+    """``tasks`` coroutines posting in a loop through one ``httpx.AsyncClient``."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as client:
+
+        async def post() -> Any:
+            r = await client.post(url, json=BODY_SENT)
+            r.raise_for_status()
+            return r.json()
+
+        n, errors, cpu, wall = await _tasks(tasks, seconds, post, httpx.HTTPError)
+        pool = getattr(client._transport, "_pool", None)
+        opened = len(pool.connections) if pool is not None else -1
+    return _result("async", tasks, n, errors, cpu, wall, opened, None)
+
+
+def _aiohttp_session(connections: int) -> aiohttp.ClientSession:
+    """Called on the loop that will use it."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections),
+        timeout=aiohttp.ClientTimeout(total=30.0),
+    )
+
+
+async def _aiohttp_post(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.post(url, json=BODY_SENT) as r:
+        r.raise_for_status()
+        return await r.json()
+
+
+async def _run_aiohttp(tasks: int, url: str, connections: int, seconds: float) -> dict[str, Any]:
+    """``tasks`` coroutines posting in a loop through one ``aiohttp.ClientSession``."""
+    async with _aiohttp_session(connections) as session:
+        post = lambda: _aiohttp_post(session, url)  # noqa: E731
+        n, errors, cpu, wall = await _tasks(tasks, seconds, post, aiohttp.ClientError)
+    return _result("aiohttp", tasks, n, errors, cpu, wall, -1, None)
+
+
+def _run_aiohttp_threads(
+    threads: int, url: str, connections: int, seconds: float
+) -> dict[str, Any]:
+    """``threads`` threads posting through one ``aiohttp.ClientSession`` on a loop thread,
+    each waiting on its request's future."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    async def open_session() -> aiohttp.ClientSession:
+        return _aiohttp_session(connections)
+
+    session = asyncio.run_coroutine_threadsafe(open_session(), loop).result()
+
+    def post() -> Any:
+        return asyncio.run_coroutine_threadsafe(_aiohttp_post(session, url), loop).result()
+
+    try:
+        n, errors, cpu, wall, _ = _threads(threads, seconds, post, aiohttp.ClientError)
+    finally:
+        asyncio.run_coroutine_threadsafe(session.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(timeout=10)
+        loop.close()
+    return _result("aiohttp-threads", threads, n, errors, cpu, wall, -1, None)
 
 
 def _result(
