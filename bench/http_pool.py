@@ -114,13 +114,14 @@ def make_client(kind: str, connections: int) -> httpx.Client:
     raise ValueError(f"unknown client kind {kind!r}")
 
 
-def open_connections(client: httpx.Client) -> int:
+def open_connections(client: httpx.Client | httpx.AsyncClient) -> int:
     """The connections the client's pool (or its shards) holds now."""
     transport = client._transport
     if isinstance(transport, ShardedTransport):
         return sum(len(shard.connections) for shard in transport.pool.shards)
     pool = getattr(transport, "_pool", None)
-    return len(pool.connections) if isinstance(pool, httpcore.ConnectionPool) else -1
+    pools = (httpcore.ConnectionPool, httpcore.AsyncConnectionPool)
+    return len(pool.connections) if isinstance(pool, pools) else -1
 
 
 # The connection-state methods httpcore's pool calls while it scans its connections.
@@ -269,8 +270,7 @@ async def _run_async(tasks: int, url: str, connections: int, seconds: float) -> 
             return r.json()
 
         n, errors, cpu, wall = await _tasks(tasks, seconds, post, httpx.HTTPError)
-        pool = getattr(client._transport, "_pool", None)
-        opened = len(pool.connections) if pool is not None else -1
+        opened = open_connections(client)
     return _result("async", tasks, n, errors, cpu, wall, opened, None)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ray import serve
 from sklearn.datasets import load_digits
 
 from bench.harness import (
@@ -41,7 +42,9 @@ from bench.harness import (
     wait_final,
 )
 from bench.pool import process_tree
+from devtools.demo_env import EXAMPLE_PLUGIN
 from examples.digits.make_model import write_model_archive as digits_archive
+from local_backend.client import AdminClient
 
 ROWS = [[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
 
@@ -183,8 +186,6 @@ def accel_body(i: int) -> dict[str, Any]:
 
 
 def _setup_classifier(ctx: Ctx, prefix: str, first_model: int) -> tuple[Population, Any]:
-    from devtools.demo_env import EXAMPLE_PLUGIN
-
     pop = make_population(prefix, 8, 4, first_model)
     seed_population(ctx.admin, ctx.workdir, pop)
     t0 = time.perf_counter()
@@ -317,8 +318,6 @@ def _w1_round(
 def w1(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     """Three rounds at full size: this machine drifts by more than the gap measured, so
     each round runs the three systems back to back and the median round is reported."""
-    from devtools.demo_env import EXAMPLE_PLUGIN
-
     pop, spec = _setup_classifier(ctx, "w1", 101)
     release = release_of(EXAMPLE_PLUGIN)
     mode = "compatible"
@@ -372,8 +371,6 @@ def w1(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
 
 
 def _handle(spec: Any, deployment: str) -> Any:
-    from ray import serve
-
     return serve.get_deployment_handle(deployment, spec.app_name)
 
 
@@ -564,10 +561,6 @@ def read_replica_events(events_dir: Path) -> list[dict[str, Any]]:
 
 
 def w3(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
-    from ray import serve
-
-    from local_backend.client import AdminClient
-
     pop = make_population("w3", 16, 8, 201)
     seed_population(ctx.admin, ctx.workdir, pop)
     release = release_of(SIMACCEL)
@@ -773,8 +766,6 @@ def w4(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
     """Three rounds at full size (direct, peer, bridge back to back in each): the
     overhead is a difference of two measurements, so both come from the same minute;
     the median round (by the bridge's p50 overhead) is reported."""
-    from devtools.demo_env import EXAMPLE_PLUGIN
-
     pop, spec = _setup_classifier(ctx, "w4", 111)
     release = release_of(EXAMPLE_PLUGIN)
     n_rounds = 3 if n >= 100 else 1
@@ -850,8 +841,6 @@ def _slope_per_10k(points: list[tuple[float, float]]) -> float | None:
 
 
 def w5(ctx: Ctx, n: int, concurrency: int) -> dict[str, Any]:
-    from devtools.demo_env import EXAMPLE_PLUGIN
-
     pop, _ = _setup_classifier(ctx, "w5", 121)
     release = release_of(EXAMPLE_PLUGIN)
     log(f"W5 bridge soak: {n} queued jobs")
