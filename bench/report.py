@@ -588,6 +588,15 @@ def _section(
     return lines
 
 
+def _machine_row(key: str, r: dict[str, Any]) -> str:
+    m = r.get("machine") or {}
+    load = " ".join(str(x) for x in m.get("loadavg_at_start", []))
+    return (
+        f"| {key} | {r.get('generated_at', '')} | {m.get('nproc')} | {m.get('cpu_model', '')} | "
+        f"{m.get('mem_total_gib')} GiB | {m.get('platform', '')} | {load} |"
+    )
+
+
 def write_report(results_dir: Path, out_dir: Path) -> Path:
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     results = load_results(results_dir)
@@ -596,7 +605,6 @@ def write_report(results_dir: Path, out_dir: Path) -> Path:
     plots_rel = "plots"
     results_rel = os.path.relpath(results_dir, out_dir)
     any_r = next(iter(results.values()), {})
-    machine = any_r.get("machine") or {}
     versions = any_r.get("versions") or {}
     quick = [k for k, r in results.items() if r.get("quick")]
     lines = ["# Benchmark: the bridge against Ray Serve's task_consumer and a direct call", ""]
@@ -633,16 +641,13 @@ def write_report(results_dir: Path, out_dir: Path) -> Path:
         "",
         "## Machine and versions",
         "",
-        "| nproc | CPU | MemTotal | platform | load average at start |",
-        "|---|---|---|---|---|",
-        f"| {machine.get('nproc')} | {machine.get('cpu_model', '')} | "
-        f"{machine.get('mem_total_gib')} GiB | "
-        f"{machine.get('platform', '')} | "
-        + ", ".join(
-            f"{k}: {' '.join(str(x) for x in (r.get('machine') or {}).get('loadavg_at_start', []))}"
-            for k, r in results.items()
-        )
-        + " |",
+        "| workload | run at | nproc | CPU | MemTotal | platform | load average at start |",
+        "|---|---|---|---|---|---|---|",
+        *(_machine_row(k, r) for k, r in results.items()),
+        "",
+        "The machine is one of a pool: the CPU model and the kernel build can differ from "
+        "one workload's run to another's. Compare figures within a run (each table's "
+        "systems ran side by side), not across runs on different CPUs.",
         "",
         "| " + " | ".join(versions) + " |",
         "|" + "---|" * len(versions),

@@ -84,10 +84,14 @@ def test_report_has_the_w6_table_and_curve(tmp_path: Path) -> None:
         "ceiling": 281.0,
         "systems": systems,
         "targets": [],
+        "generated_at": "2026-12-06T03:04:47+0000",
+        "machine": {"nproc": 2, "cpu_model": "Intel(R) Xeon(R) Processor", "mem_total_gib": 23.5},
     }
     (tmp_path / "W6.json").write_text(json.dumps(result))
     report = write_report(tmp_path, tmp_path).read_text()
     assert "## W6 throughput against latency" in report
     assert "| bridge (wait 10 ms) | 150 |" in report and "| peer | 25 |" in report
     assert "![W6-curve.png](plots/W6-curve.png)" in report
+    # each workload's run names the CPU it ran on: the pool's machines differ
+    assert "| W6 | 2026-12-06T03:04:47+0000 | 2 | Intel(R) Xeon(R) Processor | 23.5 GiB |" in report
     assert (tmp_path / "plots" / "W6-curve.png").stat().st_size > 0
