@@ -168,11 +168,13 @@ class ShardedTransport(httpx.HTTPTransport):
         network_backend: httpcore.NetworkBackend | None = None,
         per_shard: int = SHARD_CONNECTIONS,
     ) -> None:
-        super().__init__(limits=limits)
+        # One SSL context for both pools: loading the CA bundle is ~20 ms each.
+        ssl_context = httpx.create_ssl_context()
+        super().__init__(limits=limits, verify=ssl_context)
         self._pool.close()  # httpx's own pool, unused (it holds no connection yet)
         self._pool = ShardedConnectionPool(
             limits,
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=ssl_context,
             network_backend=network_backend,
             per_shard=per_shard,
         )
