@@ -35,7 +35,7 @@ print(json.dumps({"task_id": r.id, "worker_services_built": services._current is
 @pytest.fixture
 def producer_redis(redis_url: str) -> Iterator[str]:
     """A database of the session's Redis that no worker consumes."""
-    url = redis_url.rsplit("/", 1)[0] + "/7"
+    url = redis_url.rsplit("/", 1)[0] + "/8"  # no other test uses it
     r = redis.Redis.from_url(url)
     r.flushdb()
     yield url
