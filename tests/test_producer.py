@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY = "Xixvx7dedZpoijV7G-vKTu0ZuWMqVoC5i06xp6M7Dj8="
 
 PRODUCER = """
-import json, sys
+import json
 from worker.submit import submit
 from worker import services
 r = submit(job_id="producer-only-1", model=1, token="tok-producer-secret", tenant="acme",

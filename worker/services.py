@@ -85,30 +85,8 @@ class Services:
         self.redis.close()
 
 
-@dataclass
-class ProducerServices:
-    """What a process that only sends jobs needs (``worker.submit``): Redis for the ledger.
-
-    Not the worker's services: a producer calls neither the backend nor Serve, so it
-    needs no backend URL, builds no HTTP clients and starts no threads.
-    """
-
-    settings: Settings
-    redis: redis.Redis
-    ledger: Ledger
-
-    @classmethod
-    def build(cls, settings: Settings | None = None) -> ProducerServices:
-        s = settings or get_settings()
-        r = connect_redis(s.redis)
-        return cls(settings=s, redis=r, ledger=Ledger(r, grace_s=float(s.visibility_timeout_s)))
-
-    def close(self) -> None:
-        self.redis.close()
-
-
 _current: Services | None = None
-_producer: ProducerServices | None = None
+_producer_ledger: Ledger | None = None
 _lock = threading.Lock()
 
 
@@ -121,25 +99,28 @@ def services() -> Services:
         return _current
 
 
-def producer_services() -> ProducerServices:
-    """This process's producer side: the worker's own Redis and ledger when the worker's
-    services are built here, else a producer's own, built on first use."""
-    global _producer
+def producer_ledger() -> Ledger:
+    """The ledger ``worker.submit`` records jobs in: the worker's own when its services
+    are built in this process, else one on a Redis connection of its own, built on first
+    use. A producer calls neither the backend nor Serve: it needs no backend URL, builds
+    no HTTP clients and starts no threads."""
+    global _producer_ledger
     with _lock:
         if _current is not None:
-            return ProducerServices(_current.settings, _current.redis, _current.ledger)
-        if _producer is None:
-            _producer = ProducerServices.build()
-        return _producer
+            return _current.ledger
+        if _producer_ledger is None:
+            s = get_settings()
+            _producer_ledger = Ledger(connect_redis(s.redis), grace_s=float(s.visibility_timeout_s))
+        return _producer_ledger
 
 
 def reset_services() -> None:
     """Close and forget the services and the cached settings (tests, reconfiguration)."""
-    global _current, _producer
+    global _current, _producer_ledger
     with _lock:
         if _current is not None:
             _current.close()
-        if _producer is not None:
-            _producer.close()
-        _current = _producer = None
+        if _producer_ledger is not None:
+            _producer_ledger.redis.close()
+        _current = _producer_ledger = None
     get_settings.cache_clear()

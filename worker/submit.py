@@ -18,7 +18,7 @@ from worker.app import app as default_app
 from worker.ledger import Ledger
 from worker.message import TASK_NAME, JobMessage, parse_job, safe_kwargsrepr
 from worker.sealing import Sealer
-from worker.services import producer_services
+from worker.services import producer_ledger
 
 
 def send_message(
@@ -34,7 +34,7 @@ def send_message(
     Both copies carry the token sealed (``sealer``, default the process's)."""
     app = app or default_app
     wire = job.wire(sealer)
-    (ledger or producer_services().ledger).record(job.job_id, wire)
+    (ledger or producer_ledger()).record(job.job_id, wire)
     kwargs = {"job": wire}
     return app.send_task(
         TASK_NAME,
