@@ -17,6 +17,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -284,3 +285,28 @@ def test_a_batch_taken_by_a_consumer_that_dies_comes_back_after_the_visibility_t
         assert sum(r.llen(k) for k in r.scan_iter("transport-test*")) == 20
     finally:
         survivor.release()
+
+
+def test_acks_from_many_threads_remove_each_record_and_only_its_own(
+    redis_server: RedisServer,
+) -> None:
+    conn = _app_connection(redis_server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    _publish(conn, [{"n": i} for i in range(64)])
+    messages: list[Any] = []
+    try:
+        consumer = conn.Consumer(QUEUE, callbacks=[lambda body, message: messages.append(message)])
+        consumer.qos(prefetch_count=64)
+        consumer.consume()
+        deadline = time.monotonic() + 10
+        while len(messages) < 64 and time.monotonic() < deadline:
+            conn.drain_events(timeout=5)
+        assert r.hlen("unacked") == 64
+        acked, kept = messages[:48], messages[48:]
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda m: m.ack(), acked))
+        assert {t.decode() for t in r.hkeys("unacked")} == {m.delivery_tag for m in kept}
+        assert r.zcard("unacked_index") == 16
+    finally:
+        conn.release()
+    assert sum(r.llen(k) for k in r.scan_iter("transport-test*")) == 16  # the rest put back
