@@ -22,6 +22,7 @@ from config.settings import Settings
 from tests.conftest import wait_for
 from tests.fake_backend import FakeBackend
 from worker.backend_api import BackendAPI
+from worker.ledger import DUE, ENTRY_PREFIX, Ledger
 from worker.message import JobMessage, parse_job
 from worker.pipeline import (
     Deferred,
@@ -39,7 +40,8 @@ from worker.pipeline import (
     succeeded,
 )
 from worker.running_mark import RunningMarks
-from worker.steps import BackendStatus, MessageDeadline, RunningMark, SkipFinished
+from worker.script_batch import ScriptBatch
+from worker.steps import BackendStatus, MessageDeadline, RunningMark, SkipFinished, Started
 from worker.writeback import DONE_PREFIX, LOCK_PREFIX, OUTBOX, WriteBack
 
 PIPELINE_DB = 10  # a database of its own, emptied by each test
@@ -246,6 +248,61 @@ def test_an_interruption_still_runs_the_afters_and_propagates() -> None:
     with pytest.raises(KeyboardInterrupt):
         process(make_job(), [step], executor(calls, KeyboardInterrupt()))
     assert step.after_outcomes == [TryAgain("interrupted")]
+
+
+# --- the real steps: Started (the ledger entry goes, and SkipFinished, in one call)
+
+
+def _recorded(r: redis.Redis, job: Job) -> None:
+    """The job in the ledger, as ``submit`` leaves it (what the entry holds does not matter)."""
+    Ledger(r, grace_s=60).record(job.job_id, {"job_id": job.job_id})
+    assert r.exists(ENTRY_PREFIX + job.job_id) and r.zscore(DUE, job.job_id) is not None
+
+
+def _ledger_cleared(r: redis.Redis, job: Job) -> bool:
+    return not r.exists(ENTRY_PREFIX + job.job_id) and r.zscore(DUE, job.job_id) is None
+
+
+def test_started_clears_the_ledger_entry_and_lets_a_new_job_run(
+    fake: FakeBackend, r: redis.Redis
+) -> None:
+    job = make_job()
+    _recorded(r, job)
+    done = succeeded(1)
+    step = Started(writeback(fake, r), ScriptBatch(r))
+    assert process(job, [step], lambda j: done) is done
+    assert _ledger_cleared(r, job)
+    assert not fake.log
+
+
+def test_started_skips_a_job_final_here_and_clears_its_ledger_entry(
+    fake: FakeBackend, r: redis.Redis
+) -> None:
+    job = make_job()
+    _recorded(r, job)
+    r.set(DONE_PREFIX + job.job_id, "1", ex=60)
+    ran: list[str] = []
+    step = Started(writeback(fake, r), ScriptBatch(r))
+    outcome = process(job, [step], lambda j: ran.append("x") or succeeded(1))
+    assert outcome == Skipped("already final")
+    assert not ran
+    assert _ledger_cleared(r, job)
+
+
+def test_started_delivers_a_pending_outbox_record(fake: FakeBackend, r: redis.Redis) -> None:
+    wb = writeback(fake, r)
+    job = make_job()
+    _recorded(r, job)
+    fake.add_job(job.job_id, status="RUNNING")
+    body = {"status": "SUCCEEDED", "result": {"label": "cat"}}
+    record = {"job_id": job.job_id, "tenant": "acme", "body": body, "at": time.time()}
+    r.hset(OUTBOX, job.job_id, json.dumps(record))
+    ran: list[str] = []
+    outcome = process(job, [Started(wb, ScriptBatch(r))], lambda j: ran.append("x") or succeeded(2))
+    assert isinstance(outcome, Skipped) and "outbox" in outcome.reason
+    assert not ran
+    assert [e.body for e in fake.applied(job.job_id)] == [body]
+    assert _ledger_cleared(r, job)
 
 
 # --- the real steps: SkipFinished

@@ -30,6 +30,7 @@ from worker.writeback import WriteBack
 class Services:
     settings: Settings
     redis: redis.Redis
+    scripts: ScriptBatch  # the per-job Redis scripts of all task threads, pipelined
     backend: BackendAPI
     serve: ServeClient
     coalescer: Coalescer
@@ -60,6 +61,7 @@ class Services:
         return cls(
             settings=s,
             redis=r,
+            scripts=scripts,
             backend=backend,
             serve=serve,
             coalescer=Coalescer(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from functools import partial
+from typing import Any
 
 import structlog
 
@@ -12,24 +14,14 @@ from config.errors import is_transient
 from serve_runtime.tokens import ModelKey
 from worker.admission import ModelAdmission
 from worker.backend_api import FINAL_STATUSES, BackendAPI, BackendError, BackendInvalidRequest
-from worker.ledger import Ledger
+from worker.ledger import DUE, ENTRY_PREFIX
 from worker.pipeline import Deferred, Job, Outcome, Rejected, Requeued, Skipped, Step, failed
 from worker.running_mark import Mark, RunningMarks
-from worker.writeback import WriteBack
+from worker.script_batch import ScriptHost
+from worker.writeback import DONE_PREFIX, OUTBOX, WriteBack
 
 log = structlog.get_logger("worker.steps")
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
-
-
-class LedgerStarted(Step):
-    """The job started: from here the broker's redelivery covers it, not the ledger."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-
-    def before(self, job: Job) -> Outcome | None:
-        self.ledger.started(job.job_id)
-        return None
 
 
 class SkipFinished(Step):
@@ -39,13 +31,40 @@ class SkipFinished(Step):
         self.writeback = writeback
 
     def before(self, job: Job) -> Outcome | None:
-        done, pending = self.writeback.state(job.job_id)
+        done, pending = self._state(job.job_id)
         if done:
             return Skipped("already final")
         if pending is not None:
             self.writeback.deliver(job.job_id)
             return Skipped("result computed before; delivered from the outbox")
         return None
+
+    def _state(self, job_id: str) -> tuple[bool, dict[str, Any] | None]:
+        return self.writeback.state(job_id)
+
+
+# The ledger's ``started`` and the write-back's ``state`` in one script.
+# KEYS: ledger entry, ledger due set, done marker, outbox. ARGV: job id.
+_START = """
+redis.call('del', KEYS[1])
+redis.call('zrem', KEYS[2], ARGV[1])
+return {redis.call('exists', KEYS[3]), redis.call('hget', KEYS[4], ARGV[1]) or ''}
+"""
+
+
+class Started(SkipFinished):
+    """A job's first step: it started, so its ledger entry goes (from here the broker's
+    redelivery covers it, ``worker.ledger``); and as ``SkipFinished``, in the same
+    round trip: the ledger's call alone was 8% of the worker's GIL time in a W2 profile."""
+
+    def __init__(self, writeback: WriteBack, scripts: ScriptHost) -> None:
+        super().__init__(writeback)
+        self._start = scripts.register_script(_START)
+
+    def _state(self, job_id: str) -> tuple[bool, dict[str, Any] | None]:
+        keys = [ENTRY_PREFIX + job_id, DUE, DONE_PREFIX + job_id, OUTBOX]
+        done, raw = self._start(keys=keys, args=[job_id])
+        return bool(int(done)), (json.loads(raw) if raw else None)
 
 
 class BackendStatus(Step):

@@ -36,10 +36,10 @@ from worker.settle import Settler
 from worker.steps import (
     Admission,
     BackendStatus,
-    LedgerStarted,
     MessageDeadline,
     RunningMark,
     SkipFinished,
+    Started,
 )
 
 log = structlog.get_logger("worker.tasks")
@@ -65,7 +65,7 @@ def _bind(task: Task, job_id: Any, **extra: Any) -> None:
 def _steps(svc: Services, job: Job) -> list[Step]:
     if job.poll is not None:
         return [SkipFinished(svc.writeback)]
-    steps: list[Step] = [LedgerStarted(svc.ledger), SkipFinished(svc.writeback), MessageDeadline()]
+    steps: list[Step] = [Started(svc.writeback, svc.scripts), MessageDeadline()]
     if job.msg.is_batch:
         steps.append(BackendStatus(svc.backend))
     if svc.admission is not None:
